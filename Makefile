@@ -1,0 +1,41 @@
+# Two commands set up a fresh clone: `make demo` (the main job) and `make test`.
+# Both create .venv if missing and install the pinned dependencies (requirements/).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# DDS discovery stays on this machine for every rclpy process started from here
+# (tests, demo, benches). The nodes themselves never set this: real setups span computers.
+export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
+export ROS_DOMAIN_ID ?= $(shell $(PYTHON) -c 'import os; print(1 + os.getpid() % 100)')
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test lint pytest test-slow demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements/core.txt requirements/ros.txt requirements/dev.txt setup.py setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check cardiac_copilot_ros test launch setup.py
+
+pytest: setup
+	$(PY) -m pytest
+
+test: lint pytest
+
+test-slow: setup
+	$(PY) -m pytest --runslow
+
+demo: setup
+	$(VENV)/bin/cardiac-copilot demo
+
+clean:
+	rm -rf build install log .pytest_cache
