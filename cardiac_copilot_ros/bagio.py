@@ -99,7 +99,7 @@ class BagWriter:
             self._writer = Writer(self.path, version=9, storage_plugin=STORAGES[storage])
         except Exception as exc:  # rosbags raises WriterError for an existing path
             raise BagError(f"cannot create bag {self.path}: {exc}") from exc
-        self._types: dict[Any, str] = {}
+        self._types: dict[int, str] = {}  # connection id -> msgtype (Connection is unhashable)
         self.counts: dict[str, int] = {}
 
     def open(self) -> BagWriter:
@@ -115,7 +115,7 @@ class BagWriter:
     def add_topic(self, topic: str, msgtype: str) -> Any:
         """Declare a topic; returns the connection to pass to :meth:`write`."""
         conn = self._writer.add_connection(topic, msgtype, typestore=TYPESTORE)
-        self._types[conn] = msgtype
+        self._types[conn.id] = msgtype
         self.counts[topic] = 0
         return conn
 
@@ -125,7 +125,7 @@ class BagWriter:
 
     def write(self, conn: Any, log_time_ns: int, msg: Any) -> None:
         """Serialize (CDR) and write one message."""
-        self.write_raw(conn, log_time_ns, TYPESTORE.serialize_cdr(msg, self._types[conn]))
+        self.write_raw(conn, log_time_ns, TYPESTORE.serialize_cdr(msg, self._types[conn.id]))
 
     def write_raw(self, conn: Any, log_time_ns: int, data: bytes | memoryview) -> None:
         """Write one already CDR-serialized message."""
