@@ -1,0 +1,334 @@
+"""servo_node: closes the loop from `guidance` to MoveIt Servo velocity commands, with safety.
+
+Run as ``ros2 run cardiac_copilot_ros servo_node`` (node name ``copilot_servo``: MoveIt Servo's
+own node is called ``servo_node``). Interfaces (see docs/SERVO.md):
+
+* in  ``guidance`` geometry_msgs/TwistStamped (target position [m] and rotation vector [rad]
+  in the probe frame, stamp = the image's stamp);
+* in  ``probe_pose`` geometry_msgs/PoseStamped (workspace limit and pose watchdog);
+* out ``servo_node/delta_twist_cmds`` geometry_msgs/TwistStamped: m/s and rad/s in
+  ``probe_frame``, stamped now (MoveIt Servo's ``~/delta_twist_cmds``, ``speed_units``);
+* out ``~/status`` std_msgs/String (JSON), ``~/plane_reached`` std_msgs/Bool (latched),
+  ``/diagnostics`` diagnostic_msgs/DiagnosticArray;
+* service ``~/enable`` std_srvs/SetBool (disabled at start).
+
+The control law and every safety behaviour live in :mod:`cardiac_copilot_ros.servo`; this
+node only adapts messages, parameters, timers and signals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+from dataclasses import fields
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import PoseStamped, TwistStamped, Vector3
+from rcl_interfaces.msg import (
+    FloatingPointRange,
+    IntegerRange,
+    ParameterDescriptor,
+    SetParametersResult,
+)
+from rclpy.duration import Duration
+from rclpy.exceptions import ParameterException
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+from rclpy.signals import SignalHandlerOptions
+from std_msgs.msg import Bool, String
+from std_srvs.srv import SetBool
+
+from ..servo import (
+    STOP_MODES,
+    Guidance,
+    ProbePose,
+    ServoCommand,
+    ServoConfig,
+    ServoController,
+    ServoState,
+)
+from .conversions import MessageError, ns_to_stamp, pose_stamped_to_matrix, stamp_to_ns
+
+NODE_NAME = "copilot_servo"
+#: Default command topic: relative, so it resolves to /<ns>/servo_node/delta_twist_cmds.
+COMMAND_TOPIC = "servo_node/delta_twist_cmds"
+
+# name -> (description, range (lo, hi) or None). Units are in the names and descriptions.
+_PARAMS: dict[str, tuple[str, tuple[float, float] | None]] = {
+    "gain_linear": ("Linear gain [1/s]: linear command [m/s] = gain * filtered target position [m].",
+                    (0.0, 10.0)),
+    "gain_angular": ("Angular gain [1/s]: angular command [rad/s] = gain * filtered rotation vector [rad].",
+                     (0.0, 10.0)),
+    "max_linear_speed_mps": ("Linear speed limit [m/s] (the vector is scaled, its direction kept).",
+                             (0.0, 0.5)),
+    "max_angular_speed_rps": ("Angular speed limit [rad/s].", (0.0, 3.0)),
+    "max_linear_accel_mps2": ("Linear acceleration limit [m/s^2]: bound on the change between "
+                              "consecutive commands divided by the control period.", (0.0, 5.0)),
+    "max_angular_accel_rps2": ("Angular acceleration limit [rad/s^2].", (0.0, 30.0)),
+    "control_rate_hz": ("Command publishing rate [Hz], independent of the guidance rate (read-only).",
+                        (1.0, 1000.0)),
+    "filter_tau_s": ("Time constant [s] of the first-order low-pass on the guidance; 0 = off.", (0.0, 10.0)),
+    "guidance_timeout_s": ("No guidance received for this long [s] -> ramp to zero.", (0.0, 10.0)),
+    "max_guidance_age_s": ("Reject guidance whose header stamp differs from now by more than this [s]; "
+                           "0 = no check.", (0.0, 10.0)),
+    "stop_mode": ("On disable and on latched stops (workspace, pose watchdog): 'immediate' zero twist "
+                  "or 'ramp' down within the acceleration limits, then zero.", None),
+    "max_travel_m": ("Workspace limit: largest distance [m] from the probe position at enable time.",
+                     (0.0, 1.0)),
+    "max_rotation_rad": ("Workspace limit: largest rotation [rad] from the probe orientation at enable time.",
+                         (0.0, math.pi)),
+    "require_probe_pose": ("Require a fresh probe_pose to enable and while enabled (pose watchdog).", None),
+    "probe_pose_timeout_s": ("Pose watchdog: no probe_pose for this long [s] while enabled -> fault stop.",
+                             (0.0, 10.0)),
+    "converge_linear_m": ("Convergence tolerance on the target distance [m].", (0.0, 0.1)),
+    "converge_angular_rad": ("Convergence tolerance on the target rotation angle [rad].", (0.0, 1.0)),
+    "converge_hold_s": ("Within tolerance for this long [s] -> stop, 'plane reached'.", (0.0, 60.0)),
+    "converge_release_factor": ("Hysteresis: leave 'plane reached' when the guidance exceeds this factor "
+                                "times the tolerance.", (1.0, 10.0)),
+    "converge_latch": ("Stay stopped after 'plane reached' until re-enabled (ignores the hysteresis).", None),
+    "gate_jump_linear_m": ("Confidence gate: a jump [m] of the target position between consecutive "
+                           "guidance messages beyond this pauses motion; 0 = off.", (0.0, 1.0)),
+    "gate_jump_angular_rad": ("Confidence gate: a jump [rad] of the rotation vector between consecutive "
+                              "guidance messages beyond this pauses motion; 0 = off.", (0.0, math.pi)),
+    "gate_settle_frames": ("Consecutive consistent guidance messages that reopen the gate.", (1, 100)),
+}
+_READ_ONLY = {"control_rate_hz", "status_period_s", "probe_frame"}
+
+
+def _vec(v: Any) -> np.ndarray:
+    return np.array([v.x, v.y, v.z], dtype=np.float64)
+
+
+def _to_vector3(v: np.ndarray) -> Vector3:
+    return Vector3(x=float(v[0]), y=float(v[1]), z=float(v[2]))
+
+
+class ServoNode(Node):
+    """Guidance -> MoveIt Servo twist commands behind an enable switch, limits and watchdogs."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        defaults = ServoConfig()
+        for f in fields(ServoConfig):
+            desc, rng = _PARAMS[f.name]
+            value = getattr(defaults, f.name)
+            d = ParameterDescriptor(description=desc, read_only=f.name in _READ_ONLY)
+            if f.name == "stop_mode":
+                d.additional_constraints = f"one of {', '.join(STOP_MODES)}"
+            elif rng is not None and isinstance(value, int) and not isinstance(value, bool):
+                d.integer_range = [IntegerRange(from_value=int(rng[0]), to_value=int(rng[1]), step=1)]
+            elif rng is not None:
+                d.floating_point_range = [FloatingPointRange(from_value=float(rng[0]),
+                                                             to_value=float(rng[1]), step=0.0)]
+            self.declare_parameter(f.name, value, d)
+        self.declare_parameter("probe_frame", "us_probe", ParameterDescriptor(
+            description="Frame of the guidance and of the commands (the probe frame).", read_only=True))
+        self.declare_parameter("status_period_s", 1.0, ParameterDescriptor(
+            description="Period [s] of the status and /diagnostics messages (also sent on each change).",
+            read_only=True, floating_point_range=[FloatingPointRange(from_value=0.05, to_value=60.0)]))
+
+        config = ServoConfig(**{f.name: self.get_parameter(f.name).value for f in fields(ServoConfig)})
+        self._ctl = ServoController(config)  # raises ValueError with the bad field's name
+        self._probe_frame = str(self.get_parameter("probe_frame").value)
+        self._lock = threading.Lock()
+        self._last_status_key: tuple[str, bool] | None = None
+        self._sent_nonzero = False
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+
+        self._cmd_pub = self.create_publisher(TwistStamped, COMMAND_TOPIC, 10)
+        latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
+                             durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        self._status_pub = self.create_publisher(
+            String, "~/status", QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
+        self._reached_pub = self.create_publisher(Bool, "~/plane_reached", latched)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self.create_subscription(TwistStamped, "guidance", self._on_guidance, qos_profile_sensor_data)
+        self.create_subscription(PoseStamped, "probe_pose", self._on_pose, qos_profile_sensor_data)
+        self.create_service(SetBool, "~/enable", self._on_enable)
+        self._timer = self.create_timer(config.control_period_s, self._on_timer)
+        self._status_timer = self.create_timer(float(self.get_parameter("status_period_s").value),
+                                               self._on_status_timer)
+        self._reached_pub.publish(Bool(data=False))
+        self._publish_status()
+        self.get_logger().info(
+            f"servo ready, DISABLED (call {self.resolve_service_name('~/enable')}); commands on "
+            f"{self._cmd_pub.topic_name} at {config.control_rate_hz:g} Hz, limits "
+            f"{config.max_linear_speed_mps:g} m/s, {config.max_angular_speed_rps:g} rad/s")
+
+    # ------------------------------------------------------------------ time and parameters
+    def _now_ns(self) -> int:
+        return self.get_clock().now().nanoseconds
+
+    def _now_s(self) -> float:
+        return self._now_ns() * 1e-9
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        names = {f.name for f in fields(ServoConfig)}
+        changes = {p.name: p.value for p in params if p.name in names}
+        if not changes:
+            return SetParametersResult(successful=True)
+        try:
+            with self._lock:
+                new = self._ctl.config.updated(**changes)
+                self._ctl.configure(new)
+        except (ValueError, TypeError) as exc:
+            return SetParametersResult(successful=False, reason=str(exc))
+        self.get_logger().info(f"servo parameters updated: {changes}")
+        return SetParametersResult(successful=True)
+
+    # ------------------------------------------------------------------ inputs
+    def _on_guidance(self, msg: TwistStamped) -> None:
+        now = self._now_s()
+        frame = msg.header.frame_id
+        if frame and frame != self._probe_frame:
+            with self._lock:
+                self._ctl.counters.rejected_other += 1
+            self.get_logger().warning(f"guidance in frame '{frame}', expected '{self._probe_frame}': ignored",
+                                      throttle_duration_sec=2.0)
+            return
+        g = Guidance(_vec(msg.twist.linear), _vec(msg.twist.angular), stamp_to_ns(msg.header.stamp) * 1e-9)
+        with self._lock:
+            ok = self._ctl.set_guidance(now, g)
+        if not ok:
+            self.get_logger().warning("guidance rejected (non-finite, or stamp older than max_guidance_age_s)",
+                                      throttle_duration_sec=2.0)
+
+    def _on_pose(self, msg: PoseStamped) -> None:
+        now = self._now_s()
+        try:
+            stamp_ns, T_mm = pose_stamped_to_matrix(msg)
+        except MessageError as exc:
+            with self._lock:
+                self._ctl.counters.poses_rejected += 1
+            self.get_logger().warning(f"probe_pose rejected: {exc}", throttle_duration_sec=2.0)
+            return
+        with self._lock:
+            self._ctl.set_probe_pose(now, ProbePose(T_mm, stamp_ns * 1e-9))
+
+    def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
+        now_ns = self._now_ns()
+        cmd = None
+        with self._lock:
+            if request.data:
+                ok, message = self._ctl.enable(now_ns * 1e-9)
+            else:
+                cmd = self._ctl.disable(now_ns * 1e-9)
+                ok, message = True, "disabled"
+        if cmd is not None:
+            self._publish_command(cmd, now_ns)
+        response.success, response.message = ok, message
+        if ok:
+            self.get_logger().info(f"~/enable {request.data}: {message}")
+        else:
+            self.get_logger().warning(f"~/enable {request.data} refused: {message}")
+        self._publish_status()
+        return response
+
+    # ------------------------------------------------------------------ outputs
+    def _on_timer(self) -> None:
+        now_ns = self._now_ns()
+        with self._lock:
+            cmd = self._ctl.step(now_ns * 1e-9)
+        self._emit(cmd, now_ns)
+
+    def _emit(self, cmd: ServoCommand, now_ns: int) -> None:
+        if cmd.publish:
+            self._publish_command(cmd, now_ns)
+        for event in cmd.events:
+            self._reached_pub.publish(Bool(data=event == "plane_reached"))
+            self.get_logger().info("plane reached" if event == "plane_reached" else "left the plane: resuming")
+        key = (cmd.state.value, self._ctl.enabled)
+        if key != self._last_status_key or cmd.events:
+            if cmd.state in (ServoState.WORKSPACE, ServoState.FAULT):
+                self.get_logger().error(cmd.reason)
+            self._publish_status()
+
+    def _publish_command(self, cmd: ServoCommand, now_ns: int | None = None) -> None:
+        """Publish ``cmd`` stamped ``now_ns`` (the time the controller computed it) or now."""
+        lin, ang = cmd.linear_mps, cmd.angular_rps
+        if not (np.all(np.isfinite(lin)) and np.all(np.isfinite(ang))):  # never reached: belt and braces
+            self.get_logger().error("non-finite command suppressed; sending zero")
+            lin, ang = np.zeros(3), np.zeros(3)
+        msg = TwistStamped()
+        msg.header.stamp = ns_to_stamp(self._now_ns() if now_ns is None else now_ns)
+        msg.header.frame_id = self._probe_frame
+        msg.twist.linear, msg.twist.angular = _to_vector3(lin), _to_vector3(ang)
+        self._cmd_pub.publish(msg)
+        self._sent_nonzero = bool(np.any(lin) or np.any(ang))
+
+    def _status_dict(self) -> dict[str, Any]:
+        with self._lock:
+            status = self._ctl.status()
+        status["node"] = self.get_fully_qualified_name()
+        return status
+
+    def _publish_status(self) -> None:
+        status = self._status_dict()
+        self._last_status_key = (str(status["state"]), bool(status["enabled"]))
+        self._status_pub.publish(String(data=json.dumps(status, sort_keys=True)))
+
+    def _on_status_timer(self) -> None:
+        status = self._status_dict()
+        self._status_pub.publish(String(data=json.dumps(status, sort_keys=True)))
+        state = ServoState(status["state"])
+        level = {ServoState.WORKSPACE: DiagnosticStatus.ERROR, ServoState.FAULT: DiagnosticStatus.ERROR,
+                 ServoState.TIMEOUT: DiagnosticStatus.WARN, ServoState.PAUSED: DiagnosticStatus.WARN}
+        values = [KeyValue(key=k, value=str(v)) for k, v in status.items() if k != "counters"]
+        values += [KeyValue(key=k, value=str(v)) for k, v in status["counters"].items()]
+        diag = DiagnosticStatus(level=level.get(state, DiagnosticStatus.OK),
+                                name=f"{self.get_name()}: servo", hardware_id=self._probe_frame,
+                                message=f"{state.value}: {status['reason']}", values=values)
+        arr = DiagnosticArray(status=[diag])
+        arr.header.stamp = self.get_clock().now().to_msg()
+        self._diag_pub.publish(arr)
+
+    def stop_on_shutdown(self, timeout_s: float = 0.5) -> None:
+        """Send the zero twist (if this node was commanding) and wait for it to be delivered."""
+        with self._lock:
+            was_commanding = self._ctl.enabled or self._sent_nonzero
+            cmd = self._ctl.shutdown_command()
+        if not was_commanding or not self.context.ok():
+            return
+        self._publish_command(cmd)
+        self._publish_status()
+        self._cmd_pub.wait_for_all_acked(Duration(seconds=timeout_s))
+        self.get_logger().info("shutdown: zero twist sent")
+
+
+def _raise_interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(args: list[str] | None = None) -> None:
+    # rclpy's own signal handlers would shut the context down before the final zero twist
+    # could be published; SIGINT (KeyboardInterrupt) and SIGTERM are handled here instead.
+    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        node = ServoNode()
+    except (ValueError, ParameterException) as exc:  # out of range, wrong type, or fails validate()
+        print(f"servo_node: invalid parameters: {exc}")
+        rclpy.try_shutdown()
+        raise SystemExit(2) from exc
+    try:
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        try:
+            node.stop_on_shutdown()
+        except KeyboardInterrupt:  # a second signal: give up waiting
+            pass
+        node.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,524 @@
+"""Servo control law: guidance -> safe probe velocity commands (rclpy-free).
+
+The guidance (DESIGN.md) is the target pose in the current probe frame as a twist that
+reaches it in one second, first order: ``linear`` = target position [m], ``angular`` =
+rotation vector to the target orientation [rad]. :class:`ServoController` turns it into
+velocity commands in the probe frame (m/s, rad/s, MoveIt Servo's ``speed_units``):
+
+``command = rate_limit(clamp(gain * lowpass(guidance)))``
+
+* first-order low-pass on the guidance (time constant ``filter_tau_s``);
+* gains [1/s], then the magnitudes of the linear and angular vectors are clamped to the speed
+  limits (the vector is scaled, its direction kept);
+* the change between consecutive commands is bounded by the acceleration limits times the
+  control period: the output never steps while enabled (a disable or a fault may, see
+  ``stop_mode``);
+* watchdogs and gates, each a :class:`ServoConfig` field: guidance timeout and stamp age,
+  non-finite input, probe pose watchdog, workspace limit around the pose at enable time,
+  convergence ("plane reached") with hysteresis, and a confidence gate on guidance jumps.
+
+Everything is driven by explicit times (seconds on any monotonic clock, e.g. the node's ROS
+clock), so the same object runs inside the ROS node, in tests and in a closed-loop benchmark:
+``controller.step(now_s, guidance, probe_pose)`` returns the :class:`ServoCommand` to publish.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from enum import Enum
+
+import numpy as np
+
+from .pose import rotation_to_rotvec
+
+STOP_MODES = ("immediate", "ramp")
+
+#: Guidance beyond these magnitudes is implausible for a hand-held probe and is rejected.
+MAX_PLAUSIBLE_LINEAR_M = 1.0
+MAX_PLAUSIBLE_ANGULAR_RAD = 2.0 * math.pi
+
+
+class ServoState(str, Enum):
+    """What the servo is doing; ``value`` is the text on the status topic."""
+
+    DISABLED = "disabled"      # not enabled (start, or disabled through ~/enable)
+    ACTIVE = "active"          # moving along the guidance
+    CONVERGED = "converged"    # plane reached: holding still
+    PAUSED = "paused"          # confidence gate closed: guidance jumped, waiting for it to settle
+    TIMEOUT = "timeout"        # no fresh guidance: ramping to / holding zero
+    WORKSPACE = "workspace"    # left the workspace around the enable pose: stopped, re-enable needed
+    FAULT = "fault"            # pose watchdog or a non-finite output: stopped, re-enable needed
+
+
+#: States in which the servo is stopped until it is enabled again.
+LATCHED_STATES = (ServoState.DISABLED, ServoState.WORKSPACE, ServoState.FAULT)
+
+
+@dataclass(frozen=True)
+class ServoConfig:
+    """Parameters of the control law, with safe defaults. Units are in the names."""
+
+    gain_linear: float = 1.0             # [1/s] linear command = gain * target position
+    gain_angular: float = 1.0            # [1/s] angular command = gain * rotation vector
+    max_linear_speed_mps: float = 0.02
+    max_angular_speed_rps: float = 0.2
+    max_linear_accel_mps2: float = 0.05
+    max_angular_accel_rps2: float = 0.5
+    control_rate_hz: float = 100.0
+    filter_tau_s: float = 0.2            # 0 = no filter
+    guidance_timeout_s: float = 0.5      # by receipt time
+    max_guidance_age_s: float = 0.5      # header stamp vs now; 0 = no check
+    stop_mode: str = "immediate"         # on disable and faults: "immediate" zero or "ramp"
+    max_travel_m: float = 0.05           # workspace: sphere around the enable position
+    max_rotation_rad: float = 0.5236     # workspace: geodesic angle from the enable orientation
+    require_probe_pose: bool = True
+    probe_pose_timeout_s: float = 0.5
+    converge_linear_m: float = 0.003
+    converge_angular_rad: float = 0.05
+    converge_hold_s: float = 1.0
+    converge_release_factor: float = 2.0  # leave "converged" beyond factor * tolerance
+    converge_latch: bool = False          # True: stay converged until re-enabled
+    gate_jump_linear_m: float = 0.015     # 0 = gate off (linear)
+    gate_jump_angular_rad: float = 0.26   # 0 = gate off (angular)
+    gate_settle_frames: int = 5
+
+    @property
+    def control_period_s(self) -> float:
+        return 1.0 / self.control_rate_hz
+
+    def validate(self) -> ServoConfig:
+        """Raise ValueError naming the first bad field; return self."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or f.name == "stop_mode":
+                continue
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+            if value < 0:
+                raise ValueError(f"{f.name} must be >= 0, got {value!r}")
+        positive = ("max_linear_speed_mps", "max_angular_speed_rps", "max_linear_accel_mps2",
+                    "max_angular_accel_rps2", "control_rate_hz", "guidance_timeout_s",
+                    "probe_pose_timeout_s", "max_travel_m", "max_rotation_rad")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.control_rate_hz > 1000:
+            raise ValueError(f"control_rate_hz must be <= 1000, got {self.control_rate_hz!r}")
+        if self.converge_release_factor < 1.0:
+            raise ValueError(f"converge_release_factor must be >= 1, got {self.converge_release_factor!r}")
+        if self.gate_settle_frames < 1 or int(self.gate_settle_frames) != self.gate_settle_frames:
+            raise ValueError(f"gate_settle_frames must be an integer >= 1, got {self.gate_settle_frames!r}")
+        if self.stop_mode not in STOP_MODES:
+            raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {self.stop_mode!r}")
+        return self
+
+    def updated(self, **changes: object) -> ServoConfig:
+        """A validated copy with ``changes`` applied (ValueError if invalid)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown servo parameters: {sorted(unknown)}")
+        return replace(self, **changes).validate()
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """One guidance sample: target position [m] and rotation vector [rad] in the probe frame."""
+
+    linear_m: np.ndarray
+    angular_rad: np.ndarray
+    stamp_s: float  # header stamp (acquisition time of the image), same clock as ``now_s``
+
+
+@dataclass(frozen=True)
+class ProbePose:
+    """Probe pose in the base frame: 4x4 matrix with translation in mm (package convention)."""
+
+    T_mm: np.ndarray
+    stamp_s: float = float("nan")
+
+
+@dataclass(frozen=True)
+class ServoCommand:
+    """What to publish now (``publish`` False: publish nothing) and why."""
+
+    linear_mps: np.ndarray
+    angular_rps: np.ndarray
+    publish: bool
+    state: ServoState
+    reason: str
+    events: tuple[str, ...] = ()  # "plane_reached", "plane_left"
+
+    @property
+    def is_zero(self) -> bool:
+        return not (np.any(self.linear_mps) or np.any(self.angular_rps))
+
+
+@dataclass
+class ServoCounters:
+    """Monotonic counters for diagnostics."""
+
+    guidance_accepted: int = 0
+    rejected_nonfinite: int = 0
+    rejected_stale: int = 0
+    rejected_other: int = 0
+    poses_rejected: int = 0
+    gate_pauses: int = 0
+    timeouts: int = 0
+    workspace_stops: int = 0
+    faults: int = 0
+    converged: int = 0
+    output_nonfinite: int = 0
+    commands: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def _norm(v: np.ndarray) -> float:
+    return float(np.linalg.norm(v))
+
+
+def clamp_norm(v: np.ndarray, max_norm: float) -> np.ndarray:
+    """Scale ``v`` down so that its norm is at most ``max_norm`` (direction kept)."""
+    n = _norm(v)
+    if n > max_norm > 0:
+        return v * (max_norm / n)
+    if max_norm <= 0:
+        return np.zeros_like(v)
+    return v
+
+
+def rate_limit(previous: np.ndarray, target: np.ndarray, max_delta: float) -> np.ndarray:
+    """Move from ``previous`` towards ``target`` by at most ``max_delta`` (vector norm)."""
+    return previous + clamp_norm(target - previous, max_delta)
+
+
+def lowpass_alpha(dt_s: float, tau_s: float) -> float:
+    """Weight of the new sample in a first-order low-pass (exact discretisation)."""
+    if tau_s <= 0:
+        return 1.0
+    return 1.0 - math.exp(-max(dt_s, 0.0) / tau_s)
+
+
+def _vec3(v: object) -> np.ndarray:
+    arr = np.asarray(v, dtype=np.float64).reshape(-1)
+    if arr.shape != (3,):
+        raise ValueError(f"expected a 3-vector, got shape {arr.shape}")
+    return arr
+
+
+class ServoController:
+    """The closed-loop servo law with its safety state machine (see the module docstring).
+
+    Feed it with :meth:`set_guidance` / :meth:`set_probe_pose` as samples arrive (or pass them
+    to :meth:`step`), switch it with :meth:`enable` / :meth:`disable`, and call :meth:`step` at
+    the control rate. Not thread-safe: the node serialises calls with a lock.
+    """
+
+    def __init__(self, config: ServoConfig | None = None) -> None:
+        self.config = (config or ServoConfig()).validate()
+        self.counters = ServoCounters()
+        self.state = ServoState.DISABLED
+        self.reason = "not enabled (call ~/enable)"
+        self._enabled = False
+        self._ramping_down = False           # disabled/latched but still ramping (stop_mode ramp)
+        self._cmd_lin = np.zeros(3)
+        self._cmd_ang = np.zeros(3)
+        self._last_step_s: float | None = None
+        # guidance
+        self._g_lin: np.ndarray | None = None
+        self._g_ang: np.ndarray | None = None
+        self._g_recv_s = -math.inf
+        self._filt_lin: np.ndarray | None = None
+        self._filt_ang: np.ndarray | None = None
+        self._gate_open = True
+        self._gate_consistent = 0
+        self._timed_out = True
+        # convergence
+        self._within_since_s: float | None = None
+        self._converged = False
+        # pose
+        self._pose_T: np.ndarray | None = None
+        self._pose_recv_s = -math.inf
+        self._anchor_T: np.ndarray | None = None
+        self.travel_m = 0.0
+        self.rotation_rad = 0.0
+
+    # ------------------------------------------------------------------ configuration
+    def configure(self, config: ServoConfig) -> None:
+        """Swap in a new (validated) configuration; state is kept."""
+        self.config = config.validate()
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @property
+    def command(self) -> tuple[np.ndarray, np.ndarray]:
+        """The last command (linear m/s, angular rad/s)."""
+        return self._cmd_lin.copy(), self._cmd_ang.copy()
+
+    @property
+    def filtered_guidance(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if self._filt_lin is None or self._filt_ang is None:
+            return None
+        return self._filt_lin.copy(), self._filt_ang.copy()
+
+    # ------------------------------------------------------------------ inputs
+    def set_guidance(self, now_s: float, guidance: Guidance) -> bool:
+        """Take a guidance sample received at ``now_s``; returns False if it was rejected."""
+        try:
+            lin = _vec3(guidance.linear_m)
+            ang = _vec3(guidance.angular_rad)
+        except ValueError:
+            self.counters.rejected_other += 1
+            return False
+        if not (np.all(np.isfinite(lin)) and np.all(np.isfinite(ang))):
+            self.counters.rejected_nonfinite += 1
+            return False
+        # element bound first, so that the norm cannot overflow
+        if not (np.max(np.abs(lin)) <= MAX_PLAUSIBLE_LINEAR_M and np.max(np.abs(ang)) <= MAX_PLAUSIBLE_ANGULAR_RAD
+                and _norm(lin) <= MAX_PLAUSIBLE_LINEAR_M and _norm(ang) <= MAX_PLAUSIBLE_ANGULAR_RAD):
+            self.counters.rejected_other += 1
+            return False
+        cfg = self.config
+        if cfg.max_guidance_age_s > 0:
+            age = now_s - float(guidance.stamp_s)
+            if not math.isfinite(age) or abs(age) > cfg.max_guidance_age_s:
+                self.counters.rejected_stale += 1
+                return False
+        recent = self._g_lin is not None and now_s - self._g_recv_s <= cfg.guidance_timeout_s
+        if recent and self._g_lin is not None and self._g_ang is not None:
+            jump = ((cfg.gate_jump_linear_m > 0 and _norm(lin - self._g_lin) > cfg.gate_jump_linear_m)
+                    or (cfg.gate_jump_angular_rad > 0
+                        and _norm(ang - self._g_ang) > cfg.gate_jump_angular_rad))
+            if jump:
+                if self._gate_open:
+                    self.counters.gate_pauses += 1
+                self._gate_open = False
+                self._gate_consistent = 0
+            elif not self._gate_open:
+                self._gate_consistent += 1
+                if self._gate_consistent >= cfg.gate_settle_frames:
+                    self._gate_open = True
+                    self._filt_lin = None  # restart the filter from the settled guidance
+                    self._filt_ang = None
+        self._g_lin, self._g_ang, self._g_recv_s = lin, ang, float(now_s)
+        self.counters.guidance_accepted += 1
+        return True
+
+    def set_probe_pose(self, now_s: float, pose: ProbePose) -> bool:
+        """Take a probe pose received at ``now_s``; returns False if it was rejected."""
+        T = np.asarray(pose.T_mm, dtype=np.float64)
+        if T.shape != (4, 4) or not np.all(np.isfinite(T)):
+            self.counters.poses_rejected += 1
+            return False
+        self._pose_T, self._pose_recv_s = T, float(now_s)
+        return True
+
+    # ------------------------------------------------------------------ switching
+    def enable(self, now_s: float) -> tuple[bool, str]:
+        """Enable: anchor the workspace at the current pose. Returns (ok, message)."""
+        cfg = self.config
+        if cfg.require_probe_pose and not self._pose_fresh(now_s):
+            return False, "no fresh probe pose: cannot anchor the workspace limit"
+        self._anchor_T = None if self._pose_T is None else self._pose_T.copy()
+        self.travel_m = self.rotation_rad = 0.0
+        self._enabled = True
+        self._ramping_down = False
+        self._filt_lin = self._filt_ang = None
+        self._gate_open, self._gate_consistent = True, 0
+        self._within_since_s, self._converged = None, False
+        self._timed_out = True
+        self._set_state(ServoState.TIMEOUT, "enabled, waiting for fresh guidance")
+        return True, "enabled"
+
+    def disable(self, now_s: float, reason: str = "disabled by ~/enable") -> ServoCommand | None:
+        """Disable. Returns the zero command to publish at once (stop_mode immediate), else None."""
+        return self._stop(now_s, ServoState.DISABLED, reason)
+
+    def shutdown_command(self) -> ServoCommand:
+        """The zero twist to publish on shutdown (always immediate)."""
+        self._enabled = False
+        self._ramping_down = False
+        self._cmd_lin, self._cmd_ang = np.zeros(3), np.zeros(3)
+        self._set_state(ServoState.DISABLED, "shutdown")
+        return self._command(True)
+
+    def _stop(self, now_s: float, state: ServoState, reason: str) -> ServoCommand | None:
+        was_moving = self._enabled or self._ramping_down
+        self._enabled = False
+        self._converged = False
+        self._set_state(state, reason)
+        if not was_moving:
+            return None
+        if self.config.stop_mode == "ramp" and (np.any(self._cmd_lin) or np.any(self._cmd_ang)):
+            self._ramping_down = True
+            return None
+        self._ramping_down = False
+        self._cmd_lin, self._cmd_ang = np.zeros(3), np.zeros(3)
+        return self._command(True)
+
+    # ------------------------------------------------------------------ the loop
+    def step(self, now_s: float, guidance: Guidance | None = None,
+             probe_pose: ProbePose | None = None) -> ServoCommand:
+        """One control period at ``now_s``; optional fresh samples are taken first."""
+        if probe_pose is not None:
+            self.set_probe_pose(now_s, probe_pose)
+        if guidance is not None:
+            self.set_guidance(now_s, guidance)
+        cfg = self.config
+        period = cfg.control_period_s
+        if self._last_step_s is None:
+            dt = period
+        else:
+            # a late tick must not allow a bigger velocity change than two nominal periods
+            dt = min(max(now_s - self._last_step_s, 0.0), 2.0 * period)
+        self._last_step_s = now_s
+
+        if not self._enabled:
+            if not self._ramping_down:
+                return self._command(False)
+            self._advance(np.zeros(3), np.zeros(3), dt)
+            if not (np.any(self._cmd_lin) or np.any(self._cmd_ang)):
+                self._ramping_down = False
+            return self._command(True)
+
+        # latched stops (order: missing pose, then workspace)
+        if cfg.require_probe_pose and not self._pose_fresh(now_s):
+            self.counters.faults += 1
+            cmd = self._stop(now_s, ServoState.FAULT,
+                             "probe pose missing or stale (pose watchdog); re-enable to resume")
+            return cmd if cmd is not None else self.step_disabled_ramp(dt)
+        if self._anchor_T is not None and self._pose_T is not None:
+            self._update_workspace()
+            if self.travel_m > cfg.max_travel_m or self.rotation_rad > cfg.max_rotation_rad:
+                self.counters.workspace_stops += 1
+                cmd = self._stop(now_s, ServoState.WORKSPACE,
+                                 f"workspace limit: travel {self.travel_m * 1000:.1f} mm / "
+                                 f"{cfg.max_travel_m * 1000:.1f} mm, rotation "
+                                 f"{math.degrees(self.rotation_rad):.1f} deg / "
+                                 f"{math.degrees(cfg.max_rotation_rad):.1f} deg; re-enable to resume")
+                return cmd if cmd is not None else self.step_disabled_ramp(dt)
+
+        events: list[str] = []
+        target_lin, target_ang = np.zeros(3), np.zeros(3)
+        fresh = self._g_lin is not None and now_s - self._g_recv_s <= cfg.guidance_timeout_s
+        if not fresh:
+            if not self._timed_out:
+                self.counters.timeouts += 1
+            self._timed_out = True
+            self._filt_lin = self._filt_ang = None
+            self._within_since_s = None
+            self._set_state(ServoState.TIMEOUT, "no fresh guidance" if self._g_lin is not None
+                            else "enabled, waiting for fresh guidance")
+        elif not self._gate_open:
+            self._timed_out = False
+            self._within_since_s = None
+            self._set_state(ServoState.PAUSED, "guidance jumped beyond the confidence gate; "
+                            f"waiting for {cfg.gate_settle_frames} consistent frames")
+        else:
+            self._timed_out = False
+            assert self._g_lin is not None and self._g_ang is not None
+            if self._filt_lin is None or self._filt_ang is None:
+                self._filt_lin, self._filt_ang = self._g_lin.copy(), self._g_ang.copy()
+            else:
+                alpha = lowpass_alpha(dt, cfg.filter_tau_s)
+                self._filt_lin = self._filt_lin + alpha * (self._g_lin - self._filt_lin)
+                self._filt_ang = self._filt_ang + alpha * (self._g_ang - self._filt_ang)
+            lin_err, ang_err = _norm(self._filt_lin), _norm(self._filt_ang)
+            if self._converged:
+                f = cfg.converge_release_factor
+                left = lin_err > f * cfg.converge_linear_m or ang_err > f * cfg.converge_angular_rad
+                if left and not cfg.converge_latch:
+                    self._converged = False
+                    self._within_since_s = None
+                    events.append("plane_left")
+            else:
+                within = lin_err < cfg.converge_linear_m and ang_err < cfg.converge_angular_rad
+                if not within:
+                    self._within_since_s = None
+                elif self._within_since_s is None:
+                    self._within_since_s = now_s
+                if within and self._within_since_s is not None \
+                        and now_s - self._within_since_s >= cfg.converge_hold_s:
+                    self._converged = True
+                    self.counters.converged += 1
+                    events.append("plane_reached")
+            if self._converged:
+                self._set_state(ServoState.CONVERGED,
+                                f"plane reached: {lin_err * 1000:.1f} mm, {math.degrees(ang_err):.1f} deg")
+            else:
+                self._set_state(ServoState.ACTIVE, "following guidance")
+                target_lin = clamp_norm(cfg.gain_linear * self._filt_lin, cfg.max_linear_speed_mps)
+                target_ang = clamp_norm(cfg.gain_angular * self._filt_ang, cfg.max_angular_speed_rps)
+
+        self._advance(target_lin, target_ang, dt)
+        if not (np.all(np.isfinite(self._cmd_lin)) and np.all(np.isfinite(self._cmd_ang))):
+            self.counters.output_nonfinite += 1
+            self.counters.faults += 1
+            self._cmd_lin, self._cmd_ang = np.zeros(3), np.zeros(3)
+            self._enabled = self._ramping_down = False
+            self._set_state(ServoState.FAULT, "non-finite command computed; re-enable to resume")
+        return self._command(True, tuple(events))
+
+    def step_disabled_ramp(self, dt: float) -> ServoCommand:
+        """First ramp-down command after a latched stop in stop_mode ramp."""
+        self._advance(np.zeros(3), np.zeros(3), dt)
+        if not (np.any(self._cmd_lin) or np.any(self._cmd_ang)):
+            self._ramping_down = False
+        return self._command(True)
+
+    # ------------------------------------------------------------------ helpers
+    def _pose_fresh(self, now_s: float) -> bool:
+        return self._pose_T is not None and now_s - self._pose_recv_s <= self.config.probe_pose_timeout_s
+
+    def _update_workspace(self) -> None:
+        assert self._anchor_T is not None and self._pose_T is not None
+        d = self._pose_T[:3, 3] - self._anchor_T[:3, 3]
+        self.travel_m = _norm(d) / 1000.0
+        rel = self._anchor_T[:3, :3].T @ self._pose_T[:3, :3]
+        self.rotation_rad = _norm(rotation_to_rotvec(rel))
+
+    def _advance(self, target_lin: np.ndarray, target_ang: np.ndarray, dt: float) -> None:
+        cfg = self.config
+        self._cmd_lin = rate_limit(self._cmd_lin, target_lin, cfg.max_linear_accel_mps2 * dt)
+        self._cmd_ang = rate_limit(self._cmd_ang, target_ang, cfg.max_angular_accel_rps2 * dt)
+        # snap tiny residues to an exact zero so "stopped" is exactly zero
+        if not np.any(target_lin) and _norm(self._cmd_lin) < 1e-12:
+            self._cmd_lin = np.zeros(3)
+        if not np.any(target_ang) and _norm(self._cmd_ang) < 1e-12:
+            self._cmd_ang = np.zeros(3)
+
+    def _set_state(self, state: ServoState, reason: str) -> None:
+        self.state, self.reason = state, reason
+
+    def _command(self, publish: bool, events: tuple[str, ...] = ()) -> ServoCommand:
+        if publish:
+            self.counters.commands += 1
+        return ServoCommand(self._cmd_lin.copy(), self._cmd_ang.copy(), publish, self.state,
+                            self.reason, events)
+
+    def status(self) -> dict[str, object]:
+        """A JSON-able summary for the status topic and diagnostics."""
+        filt = self.filtered_guidance
+        return {
+            "state": self.state.value,
+            "reason": self.reason,
+            "enabled": self._enabled,
+            "linear_mps": round(_norm(self._cmd_lin), 6),
+            "angular_rps": round(_norm(self._cmd_ang), 6),
+            "guidance_linear_m": None if filt is None else round(_norm(filt[0]), 6),
+            "guidance_angular_rad": None if filt is None else round(_norm(filt[1]), 6),
+            "travel_m": round(self.travel_m, 6),
+            "rotation_rad": round(self.rotation_rad, 6),
+            "counters": self.counters.as_dict(),
+        }
+
+
+__all__ = [
+    "LATCHED_STATES", "MAX_PLAUSIBLE_ANGULAR_RAD", "MAX_PLAUSIBLE_LINEAR_M", "STOP_MODES", "Guidance",
+    "ProbePose", "ServoCommand", "ServoConfig",
+    "ServoController", "ServoCounters", "ServoState", "clamp_norm", "lowpass_alpha", "rate_limit",
+]
