@@ -126,17 +126,20 @@ def draw_guidance(gray: np.ndarray, predicted: np.ndarray, truth: np.ndarray | N
     if truth is not None:
         arrow(truth, (80, 220, 80))
     arrow(predicted, (0, 215, 255))
+    panel = np.full((h, 300, 3), 24, dtype=np.uint8)
     font = cv2.FONT_HERSHEY_SIMPLEX
-    lines = [f"{plane}  latency {latency_ms:5.1f} ms",
-             "guide  x{:+6.1f} y{:+6.1f} z{:+6.1f} mm".format(*predicted[:3]),
-             "       r{:+6.1f} p{:+6.1f} y{:+6.1f} deg".format(*predicted[3:])]
+    rows: list[tuple[str, tuple[int, int, int]]] = [
+        (f"target plane {plane}", (255, 255, 255)), (f"latency {latency_ms:6.1f} ms", (200, 200, 200)), ("", (0, 0, 0)),
+        ("guidance (yellow arrow)", (0, 215, 255))]
+    rows += [(f"  {a:5s} {v:+7.1f} {u}", (0, 215, 255)) for a, v, u in zip(ACTION_AXES, predicted, ACTION_UNITS,
+                                                                          strict=True)]
     if truth is not None:
-        lines += ["true   x{:+6.1f} y{:+6.1f} z{:+6.1f} mm".format(*truth[:3]),
-                  "       r{:+6.1f} p{:+6.1f} y{:+6.1f} deg".format(*truth[3:])]
-    for i, text in enumerate(lines):
-        color = (0, 215, 255) if 1 <= i <= 2 else (80, 220, 80) if i >= 3 else (255, 255, 255)
-        cv2.putText(img, text, (8, 18 + 17 * i), font, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
-        cv2.putText(img, text, (8, 18 + 17 * i), font, 0.45, color, 1, cv2.LINE_AA)
+        rows += [("", (0, 0, 0)), ("true remaining (green)", (80, 220, 80))]
+        rows += [(f"  {a:5s} {v:+7.1f} {u}", (80, 220, 80)) for a, v, u in zip(ACTION_AXES, truth, ACTION_UNITS,
+                                                                              strict=True)]
+    for i, (text, color) in enumerate(rows):
+        cv2.putText(panel, text, (10, 24 + 21 * i), font, 0.55, color, 1, cv2.LINE_AA)
+    img = np.concatenate([img, panel], axis=1)
     return img
 
 

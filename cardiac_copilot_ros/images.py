@@ -107,3 +107,19 @@ def image_fields(image: np.ndarray) -> dict[str, Any]:
         raise ImageFormatError(f"unsupported image array {image.shape} {image.dtype}")
     return {"height": image.shape[0], "width": image.shape[1], "encoding": enc,
             "is_bigendian": 0, "step": step, "data": image.tobytes()}
+
+
+def resize_gray(gray: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """(H, W) uint8 -> (h, w) uint8 at ``size_hw`` (area averaging when shrinking, bilinear else).
+
+    The one resize of the package: the dataset builder and the inference runtime both use it,
+    so a model sees frames at run time exactly as it saw them in training.
+    """
+    import cv2
+
+    h, w = int(size_hw[0]), int(size_hw[1])
+    if gray.shape[:2] == (h, w):
+        return np.ascontiguousarray(gray)
+    shrink = h <= gray.shape[0] and w <= gray.shape[1]
+    return cv2.resize(np.ascontiguousarray(gray), (w, h),
+                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
