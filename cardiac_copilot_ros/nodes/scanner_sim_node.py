@@ -146,7 +146,7 @@ class ScannerSimNode(Node):
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self._pub_image = self.create_publisher(Image, "image", image_qos)
-        self._pub_pose = self.create_publisher(PoseStamped, "probe_pose", 10)
+        self._pub_pose = self.create_publisher(PoseStamped, "probe_pose", 250)  # 1 s at 250 Hz
         self._pub_ann = self.create_publisher(String, "annotations", QoSProfile(
             depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self._pub_target = self.create_publisher(PoseStamped, "~/true_target_pose", latched)
