@@ -1,0 +1,626 @@
+"""guidance_node: live ultrasound frames in, 6-DoF probe guidance out (the bedside node).
+
+Subscribes ``image`` (sensor_msgs/Image) and/or ``image/compressed`` and the probe pose
+(``probe_pose`` PoseStamped, or TF base_frame -> probe_frame); publishes ``guidance``
+(TwistStamped in probe_frame, stamp = image stamp), ``target_pose`` (PoseStamped in base_frame,
+when a fresh probe pose is known), ``guidance_markers`` (MarkerArray in probe_frame) and
+``/diagnostics``. Parameters: see ``config/guidance.yaml``.
+
+Threads: subscription callbacks only hand the message to a :class:`LatestFrameWorker`
+(conversion, inference and publishing run on its thread; the newest frame wins, older pending
+frames are dropped and counted). The executor thread is therefore never blocked by inference,
+so the diagnostics timer and parameter services keep flowing; a single-threaded executor is
+enough and measured leaner than rclpy's MultiThreadedExecutor (bench guidance at 120 Hz: more
+guidance per second, lower latency, similar CPU). Callback groups keep the timer separate should
+the node be put on a multi-threaded executor.
+
+Markers are in ``probe_frame`` (RViz places them through TF, which a robot or tracker
+broadcasts); the predicted target probe pose is also broadcast on TF as ``target_frame``
+(child of base_frame) where tf2_ros is installed.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
+from geometry_msgs.msg import Point, PoseStamped, TwistStamped
+from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.parameter import Parameter
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CompressedImage, Image
+from std_msgs.msg import ColorRGBA
+from visualization_msgs.msg import Marker, MarkerArray
+
+from .. import pose as pose_alg
+from ..planes import PLANE_NAMES, parse_plane
+from ..runtime import (
+    MODEL_HINT,
+    FrameError,
+    GuidanceRuntime,
+    InferenceError,
+    LatestFrameWorker,
+    default_model_path,
+    default_num_threads,
+    normalize_roi,
+)
+from . import conversions as conv
+
+NODE_NAME = "guidance_node"
+IMAGE_TRANSPORTS = ("both", "raw", "compressed")
+RELIABILITIES = ("best_effort", "reliable")
+POSE_SOURCES = ("topic", "tf")
+DEVICES = ("auto", "cpu", "cuda")
+THROTTLE_S = 2.0
+#: Probe poses kept for lookups at image stamps.
+POSE_BUFFER = 200
+
+
+class StartupError(RuntimeError):
+    """The node cannot start (model file missing or incompatible, bad read-only parameter)."""
+
+
+def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
+    return [FloatingPointRange(from_value=float(lo), to_value=float(hi), step=0.0)]
+
+
+def _int_range(lo: int, hi: int) -> list[IntegerRange]:
+    return [IntegerRange(from_value=int(lo), to_value=int(hi), step=1)]
+
+
+def _descr(text: str, read_only: bool = False, constraints: str = "", **kw: Any) -> ParameterDescriptor:
+    return ParameterDescriptor(description=text, read_only=read_only,
+                               additional_constraints=constraints, **kw)
+
+
+# ---------------------------------------------------------------------------------------
+# Markers (pure functions of the action, testable without a graph)
+# ---------------------------------------------------------------------------------------
+
+def _color(r: float, g: float, b: float, a: float = 1.0) -> ColorRGBA:
+    return ColorRGBA(r=r, g=g, b=b, a=a)
+
+
+def _pt(v: Sequence[float]) -> Point:
+    return Point(x=float(v[0]), y=float(v[1]), z=float(v[2]))
+
+
+def format_action(action: np.ndarray) -> str:
+    """The 6 numbers for people: ``x +1.2 y -3.4 z +5.6 mm | roll ... pitch ... yaw ... deg``."""
+    a = np.asarray(action, dtype=float)
+    return (f"x {a[0]:+.1f} y {a[1]:+.1f} z {a[2]:+.1f} mm | "
+            f"roll {a[3]:+.1f} pitch {a[4]:+.1f} yaw {a[5]:+.1f} deg")
+
+
+def build_markers(action: np.ndarray, stamp: Any, frame_id: str, lifetime_s: float, plane: str,
+                  refined: bool, plane_size_m: Sequence[float] = (0.04, 0.10),
+                  ns: str = "guidance") -> MarkerArray:
+    """Markers for one prediction, in the probe frame (m).
+
+    ids: 0 translation arrow (origin -> target position), 1 rotation arc about the rotation
+    axis (deleted when the rotation is under 0.1 deg), 2 arrow head on the arc, 3 target plane
+    outline (the target image plane: x lateral, z along the beam), 4 text with the 6 numbers.
+    """
+    a = np.asarray(action, dtype=np.float64)
+    T = pose_alg.action_to_matrix(a)
+    T[:3, 3] /= 1000.0  # mm -> m
+    lifetime = conv.ns_to_stamp(int(max(0.0, lifetime_s) * 1e9))
+    from builtin_interfaces.msg import Duration
+
+    life = Duration(sec=lifetime.sec, nanosec=lifetime.nanosec)
+
+    def marker(mid: int, mtype: int) -> Marker:
+        m = Marker(header=conv.make_header(stamp, frame_id), ns=ns, id=mid, type=mtype,
+                   action=Marker.ADD, lifetime=life, frame_locked=False)
+        m.pose.orientation.w = 1.0
+        return m
+
+    out = MarkerArray()
+    arrow = marker(0, Marker.ARROW)
+    arrow.points = [_pt((0.0, 0.0, 0.0)), _pt(T[:3, 3])]
+    arrow.scale.x, arrow.scale.y, arrow.scale.z = 0.003, 0.006, 0.01
+    arrow.color = _color(0.1, 0.9, 0.2)
+    out.markers.append(arrow)
+
+    rotvec = pose_alg.rotation_to_rotvec(T[:3, :3])
+    angle = float(np.linalg.norm(rotvec))
+    arc, head = marker(1, Marker.LINE_STRIP), marker(2, Marker.ARROW)
+    if angle < math.radians(0.1):
+        arc.action = head.action = Marker.DELETE
+    else:
+        axis = rotvec / angle
+        helper = np.array([1.0, 0.0, 0.0]) if abs(axis[0]) < 0.9 else np.array([0.0, 1.0, 0.0])
+        u = np.cross(axis, helper)
+        u /= np.linalg.norm(u)
+        v = np.cross(axis, u)
+        radius = 0.03
+        phis = np.linspace(0.0, angle, max(2, int(math.degrees(angle) / 5) + 2))
+        pts = [radius * (math.cos(p) * u + math.sin(p) * v) for p in phis]
+        arc.points = [_pt(p) for p in pts]
+        arc.scale.x = 0.002
+        arc.color = _color(1.0, 0.6, 0.0)
+        tangent = -math.sin(angle) * u + math.cos(angle) * v
+        head.points = [_pt(pts[-1]), _pt(pts[-1] + 0.008 * tangent)]
+        head.scale.x, head.scale.y, head.scale.z = 0.002, 0.006, 0.008
+        head.color = arc.color
+    out.markers += [arc, head]
+
+    outline = marker(3, Marker.LINE_STRIP)
+    w, d = float(plane_size_m[0]), float(plane_size_m[1])
+    corners = np.array([[-w / 2, 0, 0, 1], [w / 2, 0, 0, 1], [w / 2, 0, d, 1], [-w / 2, 0, d, 1],
+                        [-w / 2, 0, 0, 1]])
+    outline.points = [_pt(p[:3]) for p in (T @ corners.T).T]
+    outline.scale.x = 0.0015
+    outline.color = _color(0.2, 0.7, 1.0)
+    out.markers.append(outline)
+
+    text = marker(4, Marker.TEXT_VIEW_FACING)
+    text.pose.position.z = -0.02
+    text.scale.z = 0.008
+    text.color = _color(1.0, 1.0, 1.0)
+    text.text = f"{plane}{' (Dreamer)' if refined else ''}\n{format_action(a)}"
+    out.markers.append(text)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Node
+# ---------------------------------------------------------------------------------------
+
+class _Stats:
+    """Thread-safe counters and recent latencies for diagnostics."""
+
+    KEYS = ("frames_received", "frames_processed", "frames_dropped", "bad_images", "bad_poses",
+            "stale_poses", "model_errors", "internal_errors", "guidance_published", "target_poses_published")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts = dict.fromkeys(self.KEYS, 0)
+        self.latency_ms: deque[float] = deque(maxlen=2000)   # image stamp -> guidance published
+        self.process_ms: deque[float] = deque(maxlen=2000)   # received -> guidance published
+        self.inference_ms: deque[float] = deque(maxlen=2000)
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[key] += n
+
+
+class GuidanceNode(Node):
+    """The bedside guidance node (see the module docstring)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(NODE_NAME, **kwargs)
+        self._declare_parameters()
+        gp = self.get_parameter
+        self._base_frame = gp("base_frame").value
+        self._probe_frame = gp("probe_frame").value
+        self._target_frame = gp("target_frame").value
+        self._max_pose_age_s = float(gp("max_pose_age_s").value)
+        self._marker_lifetime_s = float(gp("marker_lifetime_s").value)
+        self._plane_size_m = [float(v) for v in gp("plane_size_m").value]
+        for name, allowed in (("image_transport", IMAGE_TRANSPORTS), ("qos_reliability", RELIABILITIES),
+                              ("pose_source", POSE_SOURCES), ("device", DEVICES)):
+            if gp(name).value not in allowed:
+                raise StartupError(f"parameter {name}={gp(name).value!r} is invalid; "
+                                   f"choose one of {', '.join(allowed)}")
+
+        try:
+            parse_plane(gp("target_plane").value)
+        except ValueError as exc:
+            raise StartupError(f"parameter target_plane: {exc}") from None
+        self._pose_source = gp("pose_source").value
+        self._tf2_ros = self._import_tf2_ros()
+        self.runtime = self._load_runtime()
+        self.get_logger().info(f"model {self.runtime.describe()}")
+        try:
+            self._plane = self.runtime.plane_name(gp("target_plane").value)
+        except ValueError as exc:
+            raise StartupError(f"parameter target_plane: {exc}") from None
+        self._use_dreamer = bool(gp("use_dreamer").value)
+        if self._use_dreamer and not self.runtime.has_dreamer:
+            self.get_logger().warning(f"use_dreamer is true but {self.runtime.path.name} has no Dreamer: "
+                                      "guidance is the policy output")
+            self._use_dreamer = False
+
+        self._stats = _Stats()
+        self._poses: deque[tuple[int, np.ndarray]] = deque(maxlen=POSE_BUFFER)
+        self._pose_lock = threading.Lock()
+        self._last_diag = (time.monotonic(), 0, 0)
+
+        # publishers
+        self._pub_guidance = self.create_publisher(TwistStamped, "guidance", 10)
+        self._pub_target = self.create_publisher(PoseStamped, "target_pose", 10)
+        self._pub_markers = self.create_publisher(MarkerArray, "guidance_markers", 10)
+        self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+
+        # TF (optional)
+        self._tf_broadcaster = None
+        self._tf_buffer = None
+        self._setup_tf(bool(gp("publish_tf").value))
+
+        # inference worker
+        self._worker: LatestFrameWorker = LatestFrameWorker(
+            self._process, on_result=None, on_error=self._on_worker_error, name="guidance-inference")
+
+        # subscriptions (callbacks only hand over the message)
+        self._sub_group = MutuallyExclusiveCallbackGroup()
+        self._diag_group = MutuallyExclusiveCallbackGroup()
+        qos = QoSProfile(
+            history=HistoryPolicy.KEEP_LAST, depth=int(gp("qos_depth").value),
+            reliability=(ReliabilityPolicy.BEST_EFFORT if gp("qos_reliability").value == "best_effort"
+                         else ReliabilityPolicy.RELIABLE))
+        transport = gp("image_transport").value
+        self._subs = []
+        if transport in ("both", "raw"):
+            self._subs.append(self.create_subscription(Image, "image", self._on_image, qos,
+                                                       callback_group=self._sub_group))
+        if transport in ("both", "compressed"):
+            self._subs.append(self.create_subscription(CompressedImage, "image/compressed", self._on_image,
+                                                       qos, callback_group=self._sub_group))
+        if self._pose_source == "topic":
+            pose_qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=int(gp("pose_qos_depth").value),
+                                  reliability=qos.reliability)
+            self._subs.append(self.create_subscription(PoseStamped, "probe_pose", self._on_pose, pose_qos,
+                                                       callback_group=self._sub_group))
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._diag_timer = self.create_timer(float(gp("diagnostics_period_s").value), self._publish_diagnostics,
+                                             callback_group=self._diag_group)
+        self.get_logger().info(
+            f"guidance for {self._plane} (dreamer {'on' if self._use_dreamer else 'off'}), images via "
+            f"{transport} ({gp('qos_reliability').value}, depth {gp('qos_depth').value}), probe pose via "
+            f"{self._pose_source}, base {self._base_frame}, probe {self._probe_frame}")
+
+    # -- set-up ---------------------------------------------------------------------------
+
+    def _declare_parameters(self) -> None:
+        d = self.declare_parameter
+        d("model_path", "", _descr("model bundle (.pt TorchScript or .pt2 torch.export); empty = the "
+                                   "package's models/default.pt", read_only=True))
+        d("device", "auto", _descr("inference device", True, "auto (CUDA when present) | cpu | cuda"))
+        d("num_threads", 0, _descr("torch intra-op threads; 0 = number of cores - 1 (at least 1)", True,
+                                   integer_range=_int_range(0, 256)))
+        d("target_plane", PLANE_NAMES[0], _descr("standard plane to guide to; changeable at run time",
+                                                 constraints=" | ".join(PLANE_NAMES)))
+        d("use_dreamer", True, _descr("refine the action with the Cardiac Dreamer world model; "
+                                      "changeable at run time"))
+        d("crop_roi", [0, 0, 0, 0], _descr("crop [x, y, w, h] in pixels before resizing; 0s = full frame, "
+                                           "w or h 0 = to the edge; changeable at run time"))
+        d("image_transport", "both", _descr("image topics to subscribe", True,
+                                            "both (image and image/compressed) | raw | compressed"))
+        d("qos_reliability", "best_effort", _descr("reliability of the input subscriptions "
+                                                   "(best_effort = SensorData QoS)", True,
+                                                   "best_effort | reliable"))
+        d("qos_depth", 1, _descr("history depth of the image subscriptions (keep last N)", True,
+                                 integer_range=_int_range(1, 100)))
+        d("pose_qos_depth", 50, _descr("history depth of the probe_pose subscription: poses are buffered "
+                                       "for interpolation at image stamps, so keep more than one", True,
+                                       integer_range=_int_range(1, 1000)))
+        d("base_frame", "panda_link0", _descr("robot base / tracker frame of probe_pose and target_pose", True))
+        d("probe_frame", "us_probe", _descr("probe frame of guidance and markers", True))
+        d("target_frame", "us_probe_target", _descr("TF child frame broadcast for the predicted target "
+                                                    "probe pose", True))
+        d("publish_tf", True, _descr("broadcast target_frame on TF (needs tf2_ros)", True))
+        d("pose_source", "topic", _descr("probe pose from the probe_pose topic or a TF lookup "
+                                         "base_frame -> probe_frame (needs tf2_ros)", True, "topic | tf"))
+        d("max_pose_age_s", 0.1, _descr("largest time [s] between the image stamp and the probe pose used "
+                                        "for target_pose; older -> no target_pose (counted as stale)",
+                                        floating_point_range=_float_range(0.0, 60.0)))
+        d("marker_lifetime_s", 0.5, _descr("lifetime [s] of the guidance markers (0 = forever)",
+                                           floating_point_range=_float_range(0.0, 60.0)))
+        d("plane_size_m", [0.04, 0.10], _descr("target plane outline [width, depth] in metres"))
+        d("diagnostics_period_s", 1.0, _descr("period [s] of /diagnostics", True,
+                                              floating_point_range=_float_range(0.05, 60.0)))
+
+    def _load_runtime(self) -> GuidanceRuntime:
+        raw = str(self.get_parameter("model_path").value).strip()
+        path = Path(raw).expanduser() if raw else default_model_path()
+        if not path.is_file():
+            raise StartupError(f"model file {path} not found; {MODEL_HINT}")
+        threads = int(self.get_parameter("num_threads").value) or default_num_threads()
+        roi = list(self.get_parameter("crop_roi").value)
+        try:
+            normalize_roi(roi)
+        except ValueError as exc:
+            raise StartupError(f"parameter crop_roi: {exc}") from None
+        try:
+            return GuidanceRuntime(path, device=self.get_parameter("device").value, num_threads=threads,
+                                   crop_roi=roi)
+        except ValueError as exc:  # device, or BundleError (a ValueError or RuntimeError subclass)
+            raise StartupError(f"cannot load model file {path}: {exc}") from exc
+        except Exception as exc:
+            raise StartupError(f"cannot load model file {path}: {type(exc).__name__}: {exc}") from exc
+
+    def _import_tf2_ros(self) -> Any:
+        """tf2_ros, or None where it is not installed (then pose_source=tf cannot start)."""
+        try:
+            import tf2_ros
+        except ImportError:
+            if self._pose_source == "tf":
+                raise StartupError("pose_source=tf needs tf2_ros, which is not installed here; "
+                                   "use pose_source:=topic (probe_pose) or install ROS 2 tf2_ros") from None
+            return None
+        return tf2_ros
+
+    def _setup_tf(self, publish_tf: bool) -> None:
+        tf2_ros = self._tf2_ros
+        if tf2_ros is None:
+            if publish_tf:
+                self.get_logger().info("tf2_ros is not installed: target_frame is not broadcast on TF")
+            return
+        if publish_tf:
+            self._tf_broadcaster = tf2_ros.TransformBroadcaster(self)
+        if self._pose_source == "tf":
+            self._tf_buffer = tf2_ros.Buffer()
+            self._tf_listener = tf2_ros.TransformListener(self._tf_buffer, self)
+
+    # -- parameters at run time --------------------------------------------------------------
+
+    def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        updates: dict[str, Any] = {}
+        for p in params:
+            if p.name == "target_plane":
+                try:
+                    updates["plane"] = self.runtime.plane_name(p.value)
+                except (ValueError, TypeError) as exc:
+                    return SetParametersResult(successful=False, reason=str(exc))
+            elif p.name == "use_dreamer":
+                if p.value and not self.runtime.has_dreamer:
+                    return SetParametersResult(
+                        successful=False, reason=f"model {self.runtime.path.name} has no Dreamer")
+                updates["dreamer"] = bool(p.value)
+            elif p.name == "crop_roi":
+                try:
+                    updates["roi"] = normalize_roi(list(p.value))
+                except (ValueError, TypeError) as exc:
+                    return SetParametersResult(successful=False, reason=str(exc))
+            elif p.name == "plane_size_m":
+                vals = list(p.value or [])
+                if len(vals) != 2 or not all(math.isfinite(v) and v > 0 for v in vals):
+                    return SetParametersResult(successful=False,
+                                               reason="plane_size_m must be [width, depth] > 0 in metres")
+                updates["plane_size"] = [float(v) for v in vals]
+            elif p.name == "max_pose_age_s":
+                updates["pose_age"] = float(p.value)
+            elif p.name == "marker_lifetime_s":
+                updates["lifetime"] = float(p.value)
+        if "plane" in updates:
+            if updates["plane"] != self._plane:
+                self.get_logger().info(f"target plane: {updates['plane']}")
+            self._plane = updates["plane"]
+        if "dreamer" in updates:
+            self._use_dreamer = updates["dreamer"]
+        if "roi" in updates:
+            self.runtime.crop_roi = updates["roi"]
+        if "plane_size" in updates:
+            self._plane_size_m = updates["plane_size"]
+        if "pose_age" in updates:
+            self._max_pose_age_s = updates["pose_age"]
+        if "lifetime" in updates:
+            self._marker_lifetime_s = updates["lifetime"]
+        return SetParametersResult(successful=True)
+
+    # -- callbacks (executor threads) ---------------------------------------------------------
+
+    def _on_image(self, msg: Image | CompressedImage) -> None:
+        self._stats.add("frames_received")
+        if self._worker.submit((msg, time.monotonic())):
+            self._stats.add("frames_dropped")
+
+    def _on_pose(self, msg: PoseStamped) -> None:
+        frame = msg.header.frame_id
+        if frame and frame.lstrip("/") != self._base_frame.lstrip("/"):
+            self._stats.add("bad_poses")
+            self.get_logger().warning(f"probe_pose in frame {frame!r}, expected {self._base_frame!r}: ignored",
+                                      throttle_duration_sec=THROTTLE_S)
+            return
+        try:
+            stamp_ns, T = conv.pose_stamped_to_matrix(msg)
+        except conv.MessageError as exc:
+            self._stats.add("bad_poses")
+            self.get_logger().warning(f"bad probe_pose ignored: {exc}", throttle_duration_sec=THROTTLE_S)
+            return
+        with self._pose_lock:
+            if self._poses and stamp_ns < self._poses[-1][0]:
+                items = sorted([*self._poses, (stamp_ns, T)], key=lambda s: s[0])
+                self._poses.clear()
+                self._poses.extend(items)
+            else:
+                self._poses.append((stamp_ns, T))
+
+    # -- probe pose at an image stamp -------------------------------------------------------
+
+    def _probe_pose_at(self, stamp_ns: int) -> tuple[np.ndarray | None, str]:
+        """Probe pose (4x4 mm, base_frame) at ``stamp_ns``, or (None, why)."""
+        max_age_ns = int(self._max_pose_age_s * 1e9)
+        if self._pose_source == "tf":
+            return self._tf_pose_at(stamp_ns, max_age_ns)
+        with self._pose_lock:
+            poses = list(self._poses)
+        if not poses:
+            return None, "no probe pose received yet"
+        stamps = np.array([s for s, _ in poses], dtype=np.int64)
+        i = int(np.searchsorted(stamps, stamp_ns))
+        lo, hi = max(0, i - 1), min(len(poses) - 1, i)
+        if lo != hi and stamp_ns - stamps[lo] <= max_age_ns and stamps[hi] - stamp_ns <= max_age_ns:
+            mats = np.stack([poses[lo][1], poses[hi][1]])
+            pos, quat = mats[:, :3, 3], pose_alg.rotation_to_quat(mats[:, :3, :3])
+            p, q, _ = pose_alg.interpolate_poses(np.array([stamp_ns]), stamps[[lo, hi]], pos, quat)
+            T = np.eye(4)
+            T[:3, :3] = pose_alg.quat_to_rotation(q[0])
+            T[:3, 3] = p[0]
+            return T, ""
+        near = lo if abs(stamp_ns - stamps[lo]) <= abs(stamps[hi] - stamp_ns) else hi
+        age_ns = abs(int(stamps[near]) - stamp_ns)
+        if age_ns > max_age_ns:
+            return None, f"nearest probe pose is {age_ns / 1e9:.3f} s from the image (max_pose_age_s " \
+                         f"{self._max_pose_age_s:g})"
+        return poses[near][1], ""
+
+    def _tf_pose_at(self, stamp_ns: int, max_age_ns: int) -> tuple[np.ndarray | None, str]:
+        from rclpy.time import Time
+
+        try:
+            tf = self._tf_buffer.lookup_transform(self._base_frame, self._probe_frame, Time(nanoseconds=stamp_ns))
+        except Exception:
+            try:
+                tf = self._tf_buffer.lookup_transform(self._base_frame, self._probe_frame, Time())
+            except Exception as exc:
+                return None, f"no TF {self._base_frame} -> {self._probe_frame}: {exc}"
+        age_ns = abs(conv.stamp_to_ns(tf.header.stamp) - stamp_ns)
+        if age_ns > max_age_ns:
+            return None, f"TF probe pose is {age_ns / 1e9:.3f} s from the image"
+        try:
+            return conv.transform_msg_to_matrix(tf.transform), ""
+        except conv.MessageError as exc:
+            self._stats.add("bad_poses")
+            return None, f"bad TF probe pose: {exc}"
+
+    # -- inference (worker thread) ------------------------------------------------------------
+
+    def _process(self, item: tuple[Image | CompressedImage, float]) -> None:
+        msg, t_rx = item
+        log = self.get_logger()
+        try:
+            gray = conv.any_image_msg_to_gray(msg)
+        except conv.MessageError as exc:
+            self._stats.add("bad_images")
+            log.warning(f"bad image ignored: {exc}", throttle_duration_sec=THROTTLE_S)
+            return
+        plane, refine = self._plane, self._use_dreamer
+        try:
+            pred = self.runtime.predict(gray, plane, refine)
+        except FrameError as exc:
+            self._stats.add("bad_images")
+            log.warning(f"bad image ignored: {exc}", throttle_duration_sec=THROTTLE_S)
+            return
+        except InferenceError as exc:
+            self._stats.add("model_errors")
+            log.error(f"inference failed, no guidance for this frame: {exc}", throttle_duration_sec=THROTTLE_S)
+            return
+        if not self.context.ok():
+            return
+        stamp = msg.header.stamp
+        stamp_ns = conv.stamp_to_ns(stamp)
+        guidance = conv.action_to_twist_stamped(pred.action, stamp, self._probe_frame)
+        self._pub_guidance.publish(guidance)
+        t_pub = time.monotonic()
+        lat_ms = (time.time_ns() - stamp_ns) / 1e6
+        with self._stats.lock:
+            self._stats.counts["frames_processed"] += 1
+            self._stats.counts["guidance_published"] += 1
+            self._stats.latency_ms.append(lat_ms)
+            self._stats.process_ms.append((t_pub - t_rx) * 1e3)
+            self._stats.inference_ms.append(pred.timings_ms["total"])
+
+        T_probe, why = self._probe_pose_at(stamp_ns)
+        if T_probe is None:
+            self._stats.add("stale_poses")
+            log.warning(f"no target_pose: {why}", throttle_duration_sec=THROTTLE_S * 5)
+        else:
+            T_target = pose_alg.apply_action(T_probe, pred.action)
+            self._pub_target.publish(conv.matrix_to_pose_stamped(T_target, stamp, self._base_frame))
+            self._stats.add("target_poses_published")
+            if self._tf_broadcaster is not None:
+                self._tf_broadcaster.sendTransform(
+                    conv.matrix_to_transform_stamped(T_target, stamp, self._base_frame, self._target_frame))
+        self._pub_markers.publish(build_markers(pred.action, stamp, self._probe_frame, self._marker_lifetime_s,
+                                                pred.plane, pred.refined, self._plane_size_m))
+
+    def _on_worker_error(self, item: Any, exc: BaseException) -> None:
+        if not self.context.ok():  # shutting down (SIGINT/SIGTERM): publishers are gone, not an error
+            return
+        self._stats.add("internal_errors")
+        self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}", throttle_duration_sec=THROTTLE_S)
+
+    # -- diagnostics --------------------------------------------------------------------------
+
+    def diagnostics_snapshot(self) -> dict[str, float]:
+        """Counters and latency percentiles (also published on /diagnostics)."""
+        with self._stats.lock:
+            out: dict[str, float] = dict(self._stats.counts)
+            lat = np.array(self._stats.latency_ms)
+            proc = np.array(self._stats.process_ms)
+            inf = np.array(self._stats.inference_ms)
+            self._stats.latency_ms.clear()
+            self._stats.process_ms.clear()
+            self._stats.inference_ms.clear()
+        for key, arr in (("latency_ms", lat), ("processing_ms", proc), ("inference_ms", inf)):
+            if arr.size:
+                out[f"{key}_p50"], out[f"{key}_p95"] = (float(v) for v in np.percentile(arr, [50, 95]))
+        return out
+
+    def _publish_diagnostics(self) -> None:
+        now = time.monotonic()
+        snap = self.diagnostics_snapshot()
+        t_last, rx_last, pub_last = self._last_diag
+        dt = max(1e-6, now - t_last)
+        rx, pub = snap["frames_received"], snap["guidance_published"]
+        self._last_diag = (now, rx, pub)
+        snap["input_rate_hz"] = (rx - rx_last) / dt
+        snap["inference_rate_hz"] = (pub - pub_last) / dt
+        status = DiagnosticStatus(name=f"{self.get_name()}: guidance", hardware_id=self.runtime.path.name)
+        errors = snap["model_errors"] + snap["internal_errors"]
+        if snap["input_rate_hz"] == 0:
+            status.level, status.message = DiagnosticStatus.WARN, "no images received"
+        elif errors and snap["inference_rate_hz"] == 0:
+            status.level, status.message = DiagnosticStatus.ERROR, "inference failing"
+        else:
+            status.level = DiagnosticStatus.OK
+            status.message = (f"{snap['inference_rate_hz']:.1f} Hz, latency p95 "
+                              f"{snap.get('latency_ms_p95', float('nan')):.1f} ms")
+        extra = {"target_plane": self._plane, "use_dreamer": str(self._use_dreamer),
+                 "device": self.runtime.device, "model": str(self.runtime.path)}
+        status.values = ([KeyValue(key=k, value=f"{v:.3f}" if isinstance(v, float) else str(v))
+                          for k, v in snap.items()]
+                         + [KeyValue(key=k, value=v) for k, v in extra.items()])
+        arr = DiagnosticArray(status=[status])
+        arr.header.stamp = self.get_clock().now().to_msg()
+        self._pub_diag.publish(arr)
+
+    # -- shutdown -------------------------------------------------------------------------------
+
+    def destroy_node(self) -> None:
+        """Stop the inference thread, then destroy the node."""
+        worker = getattr(self, "_worker", None)
+        if worker is not None:
+            worker.stop()
+        super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Run the node until SIGINT/SIGTERM; exit code 2 when it cannot start."""
+    rclpy.init(args=args)
+    node = None
+    try:
+        node = GuidanceNode()
+    except StartupError as exc:
+        print(f"{NODE_NAME}: cannot start: {exc}", file=sys.stderr, flush=True)
+        rclpy.try_shutdown()
+        return 2
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
