@@ -1,0 +1,106 @@
+"""Guidance head G and the full guidance model (E + G [+ Dreamer I]).
+
+Plane conditioning: a learnable query ``q`` per target plane (``nn.Embedding``, 512-d) is
+**concatenated** with the pooled image feature ``f`` (512-d) and fed to G's three fully
+connected layers (2048, 512, 6) with ReLU between them. G predicts the action in normalised
+units ``(a - action_mean) / action_std``; :class:`GuidanceModel` converts to paper units
+(mm, deg) with statistics stored as buffers, so they travel with checkpoints and bundles.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cardiac_copilot_ros.model import torch_pose
+from cardiac_copilot_ros.model.dreamer import CardiacDreamer
+from cardiac_copilot_ros.model.encoder import Encoder
+
+#: Intensity normalisation of the [0, 1] input image (fixed, stored in metadata).
+IMAGE_MEAN = 0.5
+IMAGE_STD = 0.25
+
+
+class GuidanceHead(nn.Module):
+    """G(f, q): pooled feature (B, C) + plane index (B,) -> normalised action (B, 6)."""
+
+    def __init__(self, feat_channels: int = 512, n_planes: int = 3, query_dim: int = 512) -> None:
+        super().__init__()
+        self.query = nn.Embedding(n_planes, query_dim)
+        nn.init.normal_(self.query.weight, std=0.1)
+        self.fc = nn.Sequential(
+            nn.Linear(feat_channels + query_dim, 2048), nn.ReLU(inplace=True),
+            nn.Linear(2048, 512), nn.ReLU(inplace=True),
+            nn.Linear(512, 6))
+
+    def forward(self, feat: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([feat, self.query(plane)], dim=1))
+
+
+class GuidanceModel(nn.Module):
+    """Policy E + G, with the optional Cardiac Dreamer I.
+
+    ``forward(image, plane, refine)`` is the bundle contract: image float32 (B, 1, H, W) in
+    [0, 1], plane int64 (B,), refine -> action (B, 6) in mm/deg.
+    """
+
+    def __init__(self, backbone: str = "resnet34", n_planes: int = 3, dreamer: bool = True,
+                 weights_path: str | Path | None = None, dreamer_dim: int = 256, dreamer_depth: int = 2,
+                 dreamer_heads: int = 4) -> None:
+        super().__init__()
+        self.encoder = Encoder(backbone, weights_path)
+        c = self.encoder.out_channels
+        self.head = GuidanceHead(c, n_planes)
+        self.has_dreamer = bool(dreamer)
+        self.dreamer = CardiacDreamer(c, n_planes, dreamer_dim, dreamer_depth, dreamer_heads) if dreamer else None
+        self.n_planes = n_planes
+        self.register_buffer("action_mean", torch.zeros(6))
+        self.register_buffer("action_std", torch.ones(6))
+        self.image_mean = IMAGE_MEAN
+        self.image_std = IMAGE_STD
+
+    # -- normalisation ---------------------------------------------------------------------
+    def set_action_stats(self, mean, std) -> None:
+        """Store per-axis action statistics (paper units); std is floored at 1e-3."""
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(6)
+        std_t = torch.as_tensor(std, dtype=torch.float32).reshape(6).clamp(min=1e-3)
+        self.action_mean.copy_(mean_t)
+        self.action_std.copy_(std_t)
+
+    def normalize_action(self, a: torch.Tensor) -> torch.Tensor:
+        return (a - self.action_mean) / self.action_std
+
+    def denormalize_action(self, a_norm: torch.Tensor) -> torch.Tensor:
+        return a_norm * self.action_std + self.action_mean
+
+    def normalize_image(self, image01: torch.Tensor) -> torch.Tensor:
+        return (image01 - self.image_mean) / self.image_std
+
+    # -- pieces used by training -------------------------------------------------------------
+    def encode(self, image01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[0, 1] image -> (feature map, pooled feature)."""
+        return self.encoder(self.normalize_image(image01))
+
+    def imagine(self, fmap: torch.Tensor, action_mm_deg: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+        """Dreamer: the imagined pooled feature after moving by ``action_mm_deg``."""
+        dreamer = self.dreamer
+        if dreamer is None:
+            raise RuntimeError("this model has no Dreamer")
+        return dreamer(fmap, self.normalize_action(action_mm_deg), plane)
+
+    # -- the bundle contract ----------------------------------------------------------------
+    def forward(self, image: torch.Tensor, plane: torch.Tensor, refine: bool = False) -> torch.Tensor:
+        fmap, feat = self.encode(image)
+        action = self.denormalize_action(self.head(feat, plane))
+        dreamer = self.dreamer
+        if refine and dreamer is not None:
+            imagined = dreamer(fmap, self.normalize_action(action), plane)
+            residual = self.denormalize_action(self.head(imagined, plane))
+            action = torch_pose.compose_actions(action, residual)
+        return action
+
+    def refine_forward(self, image: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+        """``forward(image, plane, True)`` as a method of its own (for torch.export)."""
+        return self.forward(image, plane, True)

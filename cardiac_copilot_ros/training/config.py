@@ -1,0 +1,122 @@
+"""Training configuration: one dataclass, named presets, CLI overrides.
+
+Presets (``--preset``):
+
+* ``paper``: the paper's setup for GPUs: ResNet-34, 224 px, 300 epochs, AdamW lr 1e-4,
+  cosine annealing, batch 64 per process, AMP (bf16 where supported).
+* ``cpu``: learns something useful in about an hour on 2 CPU cores: ResNet-18, 64 px,
+  batch 32, lr 3e-4, 2000 steps.
+* ``smoke``: seconds, for tests: ResNet-18, 32 px, batch 8, a few steps, no workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+MODELS = ("baseline", "dreamer")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved as config.json in the run folder)."""
+
+    data: str = ""
+    model: str = "dreamer"
+    preset: str = "paper"
+    # model
+    backbone: str = "resnet34"
+    weights: str | None = None          # local torchvision ImageNet state dict (never downloaded)
+    input_size: int | None = 224        # px; None = the cache's size; else resized on the device
+    dreamer_dim: int = 256
+    dreamer_depth: int = 2
+    dreamer_heads: int = 4
+    # optimisation
+    epochs: int = 300
+    max_steps: int | None = None        # stop after this many optimiser steps (overrides epochs)
+    batch_size: int = 64                # per process
+    lr: float = 1e-4
+    min_lr: float = 1e-6                # cosine annealing floor
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0              # max grad norm; 0 = off
+    amp: str = "auto"                   # auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16
+    # losses (SmoothL1 in normalised action units)
+    policy_weight: float = 1.0          # L(a_t1, â_t1): the plain policy loss on t1
+    dreamer_weight: float = 1.0         # L(a'_t1, â_t1) + L(a'_t2, â_t2) (Eq. 7)
+    smooth_l1_beta: float = 1.0
+    max_gap: int = 1_000_000            # Dreamer pairs: t2 anywhere in t1's demonstration
+    augment: bool = False               # photometric jitter (data.dataset.ImageJitter)
+    # data loading
+    workers: int = 4
+    prefetch: int = 4
+    # bookkeeping
+    seed: int = 0
+    val_every: int = 0                  # steps between validations; 0 = once per epoch
+    val_max_frames: int | None = None   # validate on at most this many (evenly spaced) frames
+    checkpoint_every: int = 1000        # steps between checkpoints
+    keep_checkpoints: int = 3
+    log_every: int = 20                 # steps between TensorBoard train scalars
+    out_dir: str = "runs"
+    run_name: str | None = None         # default <date>_<time>_<model>_<preset>
+    progress: bool = True
+    device: str = "auto"                # auto, cpu, cuda
+
+    def validate(self) -> None:
+        if self.model not in MODELS:
+            raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
+        if self.backbone not in ("resnet18", "resnet34"):
+            raise ValueError(f"--backbone must be resnet18 or resnet34, got {self.backbone!r}")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise ValueError(f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}")
+        for name in ("batch_size", "epochs", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max_steps must be >= 1")
+        if self.input_size is not None and self.input_size < 32:
+            raise ValueError("input_size must be >= 32 px (ResNet downsamples 32x)")
+        if self.lr <= 0:
+            raise ValueError("lr must be > 0")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": dict(backbone="resnet34", input_size=224, epochs=300, batch_size=64, lr=1e-4, min_lr=1e-6,
+                  workers=8, val_every=0, checkpoint_every=2000, log_every=20),
+    "cpu": dict(backbone="resnet18", input_size=64, epochs=1000, max_steps=2000, batch_size=32, lr=3e-4,
+                min_lr=1e-5, workers=1, prefetch=4, val_every=200, val_max_frames=600,
+                checkpoint_every=200, log_every=10, dreamer_dim=128, dreamer_depth=2, dreamer_heads=4),
+    "smoke": dict(backbone="resnet18", input_size=32, epochs=1, max_steps=4, batch_size=8, lr=1e-3,
+                  min_lr=1e-4, workers=0, val_every=2, val_max_frames=64, checkpoint_every=2, log_every=1,
+                  dreamer_dim=32, dreamer_depth=1, dreamer_heads=2, progress=False),
+}
+
+
+def make_config(preset: str = "paper", **overrides: Any) -> TrainConfig:
+    """The preset's config with ``overrides`` (None values are ignored) applied, validated."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = TrainConfig(preset=preset, **PRESETS[preset])
+    known = {f.name for f in fields(TrainConfig)}
+    for key, value in overrides.items():
+        if key not in known:
+            raise ValueError(f"unknown config key {key!r}")
+        if value is not None:
+            cfg = dataclasses.replace(cfg, **{key: value})
+    cfg.validate()
+    return cfg
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a run folder's config.json."""
+    return TrainConfig.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,537 @@
+"""The training loop: baseline policy or Cardiac Dreamer, AMP, DDP, checkpoints, validation.
+
+Losses (SmoothL1 in normalised action units ``(a - mean) / std``, train-split statistics):
+
+* baseline: ``L(G(E(S_t1), q), â_t1)``.
+* dreamer (Eq. 4-7) on pairs (t1, t2) of one demonstration:
+  ``a'_t2 = G(I(E(S_t1), â_t1->t2), q)``, ``a'_t1 = U^-1(U(â_t1->t2) U(a'_t2))`` and
+  ``policy_weight * L(a_t1, â_t1) + dreamer_weight * (L(a'_t1, â_t1) + L(a'_t2, â_t2))``.
+  The pose algebra runs in float32 outside autocast (:mod:`..model.torch_pose`).
+
+DDP: launched by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment), NCCL on GPUs and gloo
+on CPU; a DistributedSampler shards the data; only rank 0 writes files. Validation is sharded
+and all-reduced.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from cardiac_copilot_ros import code_version, pose
+from cardiac_copilot_ros.model import torch_pose
+from cardiac_copilot_ros.model.policy import GuidanceModel
+from cardiac_copilot_ros.training.config import TrainConfig
+
+AXES = pose.ACTION_AXES
+
+
+# ---------------------------------------------------------------------------------------
+# Distributed helpers
+# ---------------------------------------------------------------------------------------
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment (0, 0, 1 without it)."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def setup_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the process group when launched with WORLD_SIZE > 1; returns (rank, world_size)."""
+    rank, _, world = dist_env()
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return rank, world
+
+
+def sync_buffers(model: torch.nn.Module, world: int) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over the replicas.
+
+    DDP keeps parameters identical but each replica's last forward updates its own BN
+    statistics; averaging them before validation and checkpoints keeps replicas identical.
+    """
+    if world <= 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(world)
+
+
+def pick_device(name: str) -> torch.device:
+    _, local_rank, _ = dist_env()
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("--device cuda requested but CUDA is not available")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way (to resume mid-epoch exactly)."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        it = super().__iter__()
+        start, self.start = self.start, 0
+        return islice(it, start, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+
+
+def _evenly(ds: Dataset, max_n: int | None) -> Dataset:
+    n = len(ds)
+    if max_n is None or n <= max_n:
+        return ds
+    return Subset(ds, np.linspace(0, n - 1, max_n).round().astype(np.int64).tolist())
+
+
+def make_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    """(train dataset, val FrameDataset, manifest) from ``cfg.data``."""
+    from cardiac_copilot_ros.data.dataset import FrameDataset, ImageJitter, PairDataset, load_manifest
+
+    manifest = load_manifest(cfg.data)
+    transform = ImageJitter() if cfg.augment else None
+    if cfg.model == "dreamer":
+        train = PairDataset(cfg.data, "train", max_gap=cfg.max_gap, seed=cfg.seed, transform=transform)
+    else:
+        train = FrameDataset(cfg.data, "train", transform=transform)
+    val = FrameDataset(cfg.data, "val")
+    if len(train) == 0:
+        raise ValueError(f"{cfg.data}: the train split is empty")
+    if len(val) == 0:
+        print(f"note: {cfg.data} has no val frames; validating on the train split")
+        val = FrameDataset(cfg.data, "train")
+    return train, _evenly(val, cfg.val_max_frames), manifest
+
+
+def make_loader(ds: Dataset, cfg: TrainConfig, sampler: DistributedSampler, device: torch.device,
+                drop_last: bool) -> DataLoader:
+    workers = max(0, int(cfg.workers))
+    return DataLoader(ds, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                      pin_memory=device.type == "cuda", drop_last=drop_last,
+                      persistent_workers=workers > 0, prefetch_factor=cfg.prefetch if workers > 0 else None)
+
+
+def to_input(images_u8: torch.Tensor, device: torch.device, size: int | None) -> torch.Tensor:
+    """uint8 (B, 1, H, W) -> float32 [0, 1] on the device, resized to ``size`` if needed."""
+    x = images_u8.to(device, non_blocking=True).float().div_(255.0)
+    if size is not None and (x.shape[-2] != size or x.shape[-1] != size):
+        x = F.interpolate(x, size=(size, size), mode="area" if x.shape[-1] > size else "bilinear",
+                          align_corners=None if x.shape[-1] > size else False)
+    return x
+
+
+# ---------------------------------------------------------------------------------------
+# Model, losses
+# ---------------------------------------------------------------------------------------
+
+
+def model_args(cfg: TrainConfig) -> dict[str, Any]:
+    """Constructor arguments of :class:`GuidanceModel` (saved in checkpoints)."""
+    return {"backbone": cfg.backbone, "dreamer": cfg.model == "dreamer", "dreamer_dim": cfg.dreamer_dim,
+            "dreamer_depth": cfg.dreamer_depth, "dreamer_heads": cfg.dreamer_heads}
+
+
+def build_model(cfg: TrainConfig, mean: np.ndarray, std: np.ndarray) -> GuidanceModel:
+    model = GuidanceModel(weights_path=cfg.weights, **model_args(cfg))
+    model.set_action_stats(mean, std)
+    return model
+
+
+class TrainStep(torch.nn.Module):
+    """What DDP wraps: one forward pass producing every prediction the loss needs.
+
+    ``(image, plane, rel_norm)`` -> ``(G(E(S_t1), q), G(I(E(S_t1), rel), q) or None)``, both in
+    normalised action units.
+    """
+
+    def __init__(self, model: GuidanceModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, plane: torch.Tensor, rel_norm: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        fmap, feat = self.model.encode(x)
+        pred_t1 = self.model.head(feat, plane)
+        if rel_norm is None or self.model.dreamer is None:
+            return pred_t1, None
+        imagined = self.model.dreamer(fmap, rel_norm, plane)
+        return pred_t1, self.model.head(imagined, plane)
+
+
+def compute_loss(model: GuidanceModel, step_module: torch.nn.Module, batch: dict[str, torch.Tensor],
+                 cfg: TrainConfig, device: torch.device, size: int | None, autocast: Any
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss for one batch and its parts (floats, for logging).
+
+    ``step_module`` is :class:`TrainStep` (or its DDP wrapper) around ``model``.
+    """
+    beta = cfg.smooth_l1_beta
+    dreamer = cfg.model == "dreamer"
+    x = to_input(batch["image1" if dreamer else "image"], device, size)
+    plane = batch["plane"].to(device, non_blocking=True)
+    a1 = batch["action1" if dreamer else "action"].to(device, non_blocking=True).float()
+    rel = batch["rel_action"].to(device, non_blocking=True).float() if dreamer else None
+    with autocast:
+        pred_t1_n, pred_t2_n = step_module(x, plane, model.normalize_action(rel) if rel is not None else None)
+    l_policy = F.smooth_l1_loss(pred_t1_n.float(), model.normalize_action(a1), beta=beta)
+    parts = {"loss_policy": float(l_policy.detach())}
+    if pred_t2_n is None or rel is None:
+        return l_policy, parts
+    a2 = batch["action2"].to(device, non_blocking=True).float()
+    pred_t2_n = pred_t2_n.float()
+    pred_t1_dream = torch_pose.compose_actions(rel, model.denormalize_action(pred_t2_n))  # Eq. 6, float32
+    l_t2 = F.smooth_l1_loss(pred_t2_n, model.normalize_action(a2), beta=beta)
+    l_t1 = F.smooth_l1_loss(model.normalize_action(pred_t1_dream), model.normalize_action(a1), beta=beta)
+    parts.update(loss_dream_t1=float(l_t1.detach()), loss_dream_t2=float(l_t2.detach()))
+    return cfg.policy_weight * l_policy + cfg.dreamer_weight * (l_t1 + l_t2), parts
+
+
+# ---------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def validate(model: GuidanceModel, loader: DataLoader, device: torch.device, size: int | None,
+             train_mean: np.ndarray, world: int) -> dict[str, Any]:
+    """MAE per axis (mm, deg) of the policy, the refined output (Dreamer) and the mean baseline."""
+    model.eval()
+    modes = ["policy"] + (["refined"] if model.has_dreamer else [])
+    sums = torch.zeros(len(modes) + 1, 6, dtype=torch.float64, device=device)
+    count = torch.zeros(1, dtype=torch.float64, device=device)
+    mean_t = torch.as_tensor(train_mean, dtype=torch.float32, device=device)
+    for batch in loader:
+        x = to_input(batch["image"], device, size)
+        plane = batch["plane"].to(device)
+        gt = batch["action"].to(device).float()
+        for i, mode in enumerate(modes):
+            pred = model(x, plane, mode == "refined").float()
+            err = (pred - gt).abs()
+            err[:, 3:] = torch.remainder(err[:, 3:] + 180.0, 360.0).sub_(180.0).abs_()  # angle wrap
+            sums[i] += err.sum(0).double()
+        sums[-1] += (mean_t - gt).abs().sum(0).double()
+        count += gt.shape[0]
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(count)
+    maes = (sums / count.clamp(min=1)).cpu().numpy()
+    out: dict[str, Any] = {"frames": int(count.item())}
+    for i, mode in enumerate(modes + ["mean_baseline"]):
+        out[mode] = {ax: round(float(v), 4) for ax, v in zip(AXES, maes[i], strict=True)}
+        out[mode]["mean"] = round(float(maes[i].mean()), 4)
+    out["primary"] = "refined" if model.has_dreamer else "policy"
+    model.train()
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: Path, *, model: GuidanceModel, optimizer: torch.optim.Optimizer,
+                    scheduler: Any, scaler: torch.amp.GradScaler | None, step: int, epoch: int,
+                    epoch_step: int, cfg: TrainConfig, manifest: dict[str, Any], input_size: int,
+                    best: dict[str, Any] | None, run_dir: Path) -> None:
+    state = {
+        "format": "cardiac_copilot_checkpoint", "format_version": 1,
+        "model": model.state_dict(), "model_args": model_args(cfg),
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,
+        "step": step, "epoch": epoch, "epoch_step": epoch_step,
+        "config": asdict(cfg), "input_size": [input_size, input_size],
+        "data_manifest_sha256": manifest.get("manifest_sha256"),
+        "action_mean": model.action_mean.tolist(), "action_std": model.action_std.tolist(),
+        "best": best, "run_dir": str(run_dir), "code_version": code_version(),
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def find_checkpoint(path: str | Path, prefer: str = "best") -> Path:
+    """A checkpoint file from a file or a run folder (``prefer`` 'best' -> best.pt, 'latest' -> newest)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: checkpoint or run folder not found")
+    if path.is_file():
+        return path
+    steps = sorted((path / "checkpoints").glob("step_*.pt"))
+    best = path / "best.pt"
+    order = [best, *reversed(steps)] if prefer == "best" else [*reversed(steps), best]
+    for cand in order:
+        if cand.is_file():
+            return cand
+    raise FileNotFoundError(f"{path}: run folder without best.pt or checkpoints/step_*.pt")
+
+
+def load_checkpoint(path: str | Path, prefer: str = "best") -> dict[str, Any]:
+    """A checkpoint (weights_only: no arbitrary pickle) from a file or run folder; errors name the file."""
+    path = find_checkpoint(path, prefer)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable training checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(state, dict) or state.get("format") != "cardiac_copilot_checkpoint":
+        raise ValueError(f"{path}: not a cardiac_copilot training checkpoint")
+    state["path"] = str(path)
+    return state
+
+
+def model_from_checkpoint(state: dict[str, Any]) -> GuidanceModel:
+    model = GuidanceModel(**state["model_args"])
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+def _amp(cfg: TrainConfig, device: torch.device) -> tuple[Any, torch.amp.GradScaler | None, str]:
+    if device.type != "cuda" or cfg.amp == "off":
+        return torch.autocast("cpu", enabled=False), None, "off"
+    dtype = cfg.amp
+    if dtype == "auto":
+        dtype = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if dtype == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16), None, "bf16"
+    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda"), "fp16"
+
+
+def run_dir_for(cfg: TrainConfig) -> Path:
+    name = cfg.run_name or f"{_dt.datetime.now():%Y%m%d_%H%M%S}_{cfg.model}_{cfg.preset}"
+    return Path(cfg.out_dir) / name
+
+
+def _fmt_mae(m: dict[str, float]) -> str:
+    return " ".join(f"{ax}={m[ax]:.2f}" for ax in AXES) + f" (mean {m['mean']:.2f})"
+
+
+def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
+    """Run training; returns {run_dir, step, best, last, samples_per_s, model (the trained module)}.
+
+    Rank 0 also writes the run folder (config.json, checkpoints, best.pt, metrics.json, TensorBoard).
+    """
+    cfg.validate()
+    device = pick_device(cfg.device)
+    rank, world = setup_distributed(device)
+    is_main = rank == 0
+    torch.manual_seed(cfg.seed)
+    state = load_checkpoint(resume, prefer="latest") if resume else None
+
+    train_ds, val_ds, manifest = make_datasets(cfg)
+    cache_size = int(manifest["input_size"][0])
+    size = cfg.input_size or cache_size
+    resize = None if size == cache_size else size
+    from cardiac_copilot_ros.data.dataset import action_stats
+
+    mean, std = action_stats(cfg.data)
+    model = build_model(cfg, mean, std).to(device)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model.train()
+    step_module: torch.nn.Module = TrainStep(model)
+    if world > 1:
+        step_module = torch.nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None)
+
+    train_sampler = ResumableSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed)
+    val_sampler = DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False)
+    train_loader = make_loader(train_ds, cfg, train_sampler, device, drop_last=len(train_ds) >= cfg.batch_size * world)
+    val_loader = make_loader(val_ds, cfg, val_sampler, device, drop_last=False)
+    steps_per_epoch = max(1, len(train_loader))
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+    total_steps = min(total_steps, cfg.epochs * steps_per_epoch) if cfg.max_steps is None else total_steps
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=cfg.min_lr)
+    autocast, scaler, amp_name = _amp(cfg, device)
+    step, epoch, epoch_step, best = 0, 0, 0, None
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, epoch, epoch_step, best = state["step"], state["epoch"], state["epoch_step"], state.get("best")
+
+    run_dir = Path(state["run_dir"]) if state is not None and state.get("run_dir") else run_dir_for(cfg)
+    writer = None
+    history: list[dict[str, Any]] = []
+    if is_main:
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(
+            {**asdict(cfg), "resolved": {"device": str(device), "world_size": world, "amp": amp_name,
+                                         "input_size": size, "cache_input_size": cache_size,
+                                         "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                                         "train_items": len(train_ds), "val_frames": len(val_ds),
+                                         "action_mean": mean.tolist(), "action_std": std.tolist(),
+                                         "data_manifest_sha256": manifest.get("manifest_sha256"),
+                                         "code_version": code_version(), "resumed_from": str(resume or "")}},
+            indent=2, sort_keys=True))
+        old = run_dir / "metrics.json"
+        if state is not None and old.is_file():
+            history = json.loads(old.read_text()).get("history", [])
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        print(f"run folder: {run_dir}  ({cfg.model}, preset {cfg.preset}, {cfg.backbone}, {size} px, "
+              f"device {device}, world {world}, amp {amp_name}, {len(train_ds)} train items, "
+              f"{len(val_ds)} val frames, {total_steps} steps)", flush=True)
+
+    def checkpoint(name: str) -> None:
+        if not is_main:
+            return
+        path = run_dir / "checkpoints" / name
+        save_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler, step=step,
+                        epoch=epoch, epoch_step=epoch_step, cfg=cfg, manifest=manifest, input_size=size,
+                        best=best, run_dir=run_dir)
+        ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+        for old_ck in ckpts[: max(0, len(ckpts) - cfg.keep_checkpoints)]:
+            old_ck.unlink(missing_ok=True)
+
+    def do_validation() -> None:
+        nonlocal best
+        sync_buffers(model, world)
+        res = validate(model, val_loader, device, resize, mean, world)
+        entry = {"step": step, "epoch": epoch, "lr": scheduler.get_last_lr()[0], "val": res}
+        history.append(entry)
+        primary = res[res["primary"]]["mean"]
+        improved = best is None or primary < best["val_mae_mean"]
+        if improved:
+            best = {"step": step, "epoch": epoch, "val_mae_mean": primary, "val": res}
+        if is_main:
+            for mode in ("policy", "refined", "mean_baseline"):
+                if mode in res:
+                    for ax in (*AXES, "mean"):
+                        writer.add_scalar(f"val_mae_{mode}/{ax}", res[mode][ax], step)
+            msg = f"[step {step}] val MAE {res['primary']}: {_fmt_mae(res[res['primary']])}"
+            if "refined" in res:
+                msg += f"\n             policy : {_fmt_mae(res['policy'])}"
+            msg += f"\n       mean baseline: {_fmt_mae(res['mean_baseline'])}"
+            print(msg + ("  * best" if improved else ""), flush=True)
+            if improved:
+                save_checkpoint(run_dir / "best.pt", model=model, optimizer=optimizer, scheduler=scheduler,
+                                scaler=scaler, step=step, epoch=epoch, epoch_step=epoch_step, cfg=cfg,
+                                manifest=manifest, input_size=size, best=best, run_dir=run_dir)
+            write_metrics()
+
+    def write_metrics() -> None:
+        last = history[-1]["val"] if history else None
+        metrics = {"model": cfg.model, "preset": cfg.preset, "step": step, "epoch": epoch,
+                   "units": dict(zip(AXES, pose.ACTION_UNITS, strict=True)),
+                   "best": best, "last": last,
+                   "mean_baseline_mae": last["mean_baseline"] if last else None,
+                   "history": history, "samples_per_s": round(rate, 2)}
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    rate = 0.0
+    bar = None
+    if is_main and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, unit="step", desc=f"train {cfg.model}", dynamic_ncols=True)
+    t_start, samples = time.perf_counter(), 0
+    model.train()
+    try:
+        while step < total_steps:
+            train_sampler.set_epoch(epoch)
+            if hasattr(train_ds, "set_epoch"):
+                train_ds.set_epoch(epoch)
+            train_sampler.start = epoch_step * cfg.batch_size
+            for batch in train_loader:
+                loss, parts = compute_loss(model, step_module, batch, cfg, device, resize, autocast)
+                optimizer.zero_grad(set_to_none=True)
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.unscale_(optimizer)
+                else:
+                    loss.backward()
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                step += 1
+                epoch_step += 1
+                samples += int(batch["plane"].shape[0]) * world
+                rate = samples / max(1e-9, time.perf_counter() - t_start)
+                if not math.isfinite(float(loss.detach())):
+                    raise FloatingPointError(f"loss became {float(loss.detach())} at step {step}")
+                if is_main:
+                    if step % cfg.log_every == 0 or step == total_steps:
+                        writer.add_scalar("train/loss", float(loss.detach()), step)
+                        for k, v in parts.items():
+                            writer.add_scalar(f"train/{k}", v, step)
+                        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                        writer.add_scalar("train/samples_per_s", rate, step)
+                    if bar is not None:
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{float(loss.detach()):.4f}", sps=f"{rate:.0f}")
+                if cfg.val_every and step % cfg.val_every == 0:
+                    do_validation()
+                if step % cfg.checkpoint_every == 0:
+                    checkpoint(f"step_{step:08d}.pt")
+                if step >= total_steps:
+                    break
+            else:
+                epoch += 1
+                epoch_step = 0
+                if not cfg.val_every:
+                    do_validation()
+                continue
+            break
+        if not history or history[-1]["step"] != step:
+            do_validation()
+        sync_buffers(model, world)
+        checkpoint(f"step_{step:08d}.pt")
+    finally:
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    result = {"run_dir": str(run_dir), "step": step, "best": best, "last": history[-1]["val"] if history else None,
+              "samples_per_s": rate, "model": model}
+    if is_main:
+        write_metrics()
+        b = best["val"]
+        print(f"done: {step} steps, {rate:.1f} samples/s. best (step {best['step']}) val MAE "
+              f"{b['primary']}: {_fmt_mae(b[b['primary']])}\n"
+              f"      always-predict-the-mean baseline: {_fmt_mae(b['mean_baseline'])}", flush=True)
+    if world > 1:
+        dist.barrier()
+    return result
