@@ -31,12 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import Point, PoseStamped, TwistStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -57,6 +55,7 @@ from ..runtime import (
     normalize_roi,
 )
 from . import conversions as conv
+from .lifecycle import spin_node
 
 NODE_NAME = "guidance_node"
 IMAGE_TRANSPORTS = ("both", "raw", "compressed")
@@ -601,25 +600,7 @@ class GuidanceNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """Run the node until SIGINT/SIGTERM; exit code 2 when it cannot start."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = GuidanceNode()
-    except StartupError as exc:
-        print(f"{NODE_NAME}: cannot start: {exc}", file=sys.stderr, flush=True)
-        rclpy.try_shutdown()
-        return 2
-    executor = SingleThreadedExecutor()
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin_node(GuidanceNode, NODE_NAME, args, startup_errors=(StartupError,))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,11 @@ stamps (commands are ignored).
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from pathlib import Path
 
 import numpy as np
-import rclpy
 from geometry_msgs.msg import PoseStamped, TwistStamped
 from rcl_interfaces.msg import (
     FloatingPointRange,
@@ -36,7 +36,7 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -47,6 +47,7 @@ from std_srvs.srv import Trigger
 from ..planes import UnknownPlaneError, parse_plane
 from ..pose import action_to_matrix, rotvec_to_rotation
 from .conversions import gray_to_image_msg, matrix_to_pose_stamped
+from .lifecycle import spin_node
 
 NODE_NAME = "scanner_sim_node"
 #: MoveIt Servo's command input, relative (resolves to /servo_node/delta_twist_cmds at the root).
@@ -368,25 +369,11 @@ def _custom_data(path: Path) -> dict[str, str]:
         return {}
 
 
-def main(args: list[str] | None = None) -> None:
-    rclpy.init(args=args)
-    try:
-        node = ScannerSimNode()
-    except ValueError as exc:
-        print(f"{NODE_NAME}: invalid parameters: {exc}")
-        rclpy.try_shutdown()
-        raise SystemExit(2) from exc
-    executor = MultiThreadedExecutor(num_threads=2)
-    executor.add_node(node)
-    try:
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
+def main(args: list[str] | None = None) -> int:
+    """Run the node until SIGINT/SIGTERM; exit code 2 on invalid parameters."""
+    return spin_node(ScannerSimNode, NODE_NAME, args, startup_errors=(ValueError,),
+                     make_executor=lambda: MultiThreadedExecutor(num_threads=2))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
