@@ -1,0 +1,154 @@
+"""`cardiac-copilot bench closed-loop`: simulator, guidance and servo nodes over real DDS.
+
+The fast test runs one very short episode per mode with an untrained bundle (its numbers mean
+nothing) and checks the JSON layout, that every episode ends by convergence or the time limit,
+that the oracle loop moves the probe toward the true target and that no node process is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import psutil
+import pytest
+
+from cardiac_copilot_ros import closed_loop_bench as clb
+
+PER_PLANE_KEYS = {"success_rate", "median_translation_mm", "median_rotation_deg", "median_time_s",
+                  "median_path_mm"}
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    clb.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def _episode(mode: str, plane: str, trans: float, rot: float, converged: bool, t: float | None) -> clb.Episode:
+    return clb.Episode(mode=mode, plane=plane, subject_seed=9000, start_offset=[0.0] * 6, start_translation_mm=30.0,
+                       start_rotation_deg=40.0, end="converged" if converged else "time_limit", converged=converged,
+                       time_to_converge_s=t, duration_s=t or 30.0, translation_mm=trans, rotation_deg=rot,
+                       path_mm=40.0, success=trans <= 5.0 and rot <= 5.0, guidance_hz=30.0)
+
+
+def test_report_layout_and_statistics() -> None:
+    eps = [_episode("dreamer", "PLAX", 2.0, 3.0, True, 6.0), _episode("dreamer", "PLAX", 9.0, 3.0, False, None),
+           _episode("dreamer", "PSAX-MV", 1.0, 6.0, True, 8.0),
+           _episode("baseline", "PLAX", 4.0, 4.0, True, 7.0), _episode("oracle", "PLAX", 0.1, 1.0, True, 4.0)]
+    doc = clb.build_report(eps, {"seed": 0})
+    json.dumps(doc, allow_nan=False)
+    assert doc["default_mode"] == "dreamer"
+    assert doc["success_rate"] == pytest.approx(1 / 3)
+    assert set(doc["per_plane"]) == {"PLAX", "PSAX-MV"}
+    plax = doc["per_plane"]["PLAX"]
+    assert PER_PLANE_KEYS <= set(plax)
+    assert plax["success_rate"] == 0.5 and plax["median_translation_mm"] == 5.5
+    assert plax["median_time_s"] == 6.0  # converged episodes only
+    assert doc["per_plane"]["PSAX-MV"]["success_rate"] == 0.0  # 6 deg > 5 deg
+    assert set(doc["modes"]) == {"dreamer", "baseline", "oracle"}
+    assert doc["modes"]["oracle"]["success_rate"] == 1.0
+    table = clb.format_table(doc["modes"], (5.0, 5.0))
+    assert "oracle guidance" in table and "| PSAX-MV |" in table and table.count("| all |") == 3
+    # without a Dreamer mode the policy is the default
+    assert clb.build_report(eps[3:], {})["default_mode"] == "baseline"
+
+
+def test_arguments() -> None:
+    args = _parse(["--planes", "plax,psax-av", "--servo-params", "gain_linear=2", "converge_latch=true",
+                   "--no-oracle", "--episodes", "2"])
+    assert args.planes == ["PLAX", "PSAX-AV"]
+    assert dict(args.servo_params) == {"gain_linear": 2.0, "converge_latch": True}
+    assert args.oracle is False and args.episodes == 2 and args.time_limit_s == 30.0
+    with pytest.raises(SystemExit):
+        _parse(["--planes", "A4C"])
+
+
+def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert clb.run(_parse(["--bundle", str(tmp_path / "nope.pt")])) == 2
+    assert "not found" in capsys.readouterr().err
+    assert clb.run(_parse(["--servo-params", "gain_linaer=2"])) == 2
+    assert "gain_linaer" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def untrained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from cardiac_copilot_ros.model.bundle import make_untrained_bundle
+
+    return make_untrained_bundle(tmp_path_factory.mktemp("bundle") / "untrained32.pt", backbone="resnet18",
+                                 input_size=(32, 32))
+
+
+def _node_children() -> list[psutil.Process]:
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if any("cardiac_copilot_ros.nodes" in a for a in p.cmdline()):
+                out.append(p)
+        except psutil.Error:
+            pass
+    return out
+
+
+def test_short_episodes_over_dds(untrained_bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    limit_s = 4.0
+    out = tmp_path / "closed_loop.json"
+    # a lenient pose watchdog: on a loaded shared machine a starved node process can miss 1.5 s of poses
+    args = _parse(["--bundle", str(untrained_bundle), "--episodes", "1", "--planes", "PSAX-AV",
+                   "--time-limit-s", str(limit_s), "--image-size", "64", "--settle-s", "0.3",
+                   "--servo-params", "probe_pose_timeout_s=5.0",
+                   "--json", str(out), "--log-dir", str(tmp_path / "logs"), "--quiet"])
+    assert clb.run(args) == 0
+    assert not _node_children(), "node processes left behind"
+    printed = capsys.readouterr().out
+    assert "model + Dreamer" in printed and "model (policy only)" in printed and "oracle guidance" in printed
+
+    doc = json.loads(out.read_text())
+    assert isinstance(doc["success_rate"], float) and 0.0 <= doc["success_rate"] <= 1.0
+    assert doc["default_mode"] == "dreamer"
+    assert PER_PLANE_KEYS <= set(doc["per_plane"]["PSAX-AV"])
+    assert set(doc["modes"]) == {"dreamer", "baseline", "oracle"}
+    for summary in doc["modes"].values():
+        assert 0.0 <= summary["success_rate"] <= 1.0
+        assert PER_PLANE_KEYS <= set(summary["per_plane"]["PSAX-AV"])
+    assert doc["config"]["subject_seeds"] == [clb.HELD_OUT_SEED]
+    assert "Model error in the loop" in printed
+    assert doc["config"]["servo_params"]["max_travel_m"] == clb.BENCH_SERVO_PARAMS["max_travel_m"]
+    assert doc["config"]["servo_params"]["probe_pose_timeout_s"] == 5.0
+
+    eps = doc["episodes"]
+    assert [e["mode"] for e in eps] == ["dreamer", "baseline", "oracle"]
+    assert len({tuple(e["start_offset"]) for e in eps}) == 1  # every mode from the same start
+    for e in eps:
+        assert e["end"] in ("converged", "time_limit"), (e, (tmp_path / "logs" / "servo.log").read_text()[-2000:])
+        assert e["duration_s"] <= limit_s + 1.0
+        for key in ("translation_mm", "rotation_deg", "path_mm", "start_translation_mm", "start_rotation_deg"):
+            assert math.isfinite(e[key]) and e[key] >= 0.0, (key, e)
+        assert e["success"] == (e["translation_mm"] <= 5.0 and e["rotation_deg"] <= 5.0)
+        guidance_errors = [e[f"{w}_guidance_error_{u}"] for w in ("start", "final") for u in ("mm", "deg")]
+        if e["mode"] == "oracle":
+            assert guidance_errors == [None] * 4 and e["guidance_hz"] is None
+        else:  # the model's open-loop error in the loop, measured against the simulator's truth
+            assert all(math.isfinite(v) and v >= 0.0 for v in guidance_errors), e
+            assert e["guidance_hz"] > 0.0
+    oracle = eps[2]
+    # with the true remaining motion as guidance the loop closes: the probe moves toward the target
+    assert oracle["path_mm"] > 1.0
+    assert oracle["translation_mm"] < oracle["start_translation_mm"] or oracle["translation_mm"] < 1.0
+    assert oracle["rotation_deg"] < oracle["start_rotation_deg"]
+
+
+@pytest.mark.slow
+def test_oracle_reaches_every_plane(untrained_bundle: Path, tmp_path: Path) -> None:
+    """Realistic settings: with perfect guidance, servo + simulator reach the plane from every start."""
+    out = tmp_path / "closed_loop.json"
+    args = _parse(["--bundle", str(untrained_bundle), "--episodes", "3", "--no-dreamer-compare",
+                   "--json", str(out), "--quiet"])
+    assert clb.run(args) == 0
+    doc = json.loads(out.read_text())
+    oracle = doc["modes"]["oracle"]
+    assert oracle["success_rate"] == 1.0, doc["episodes"]
+    assert oracle["converged_rate"] == 1.0
+    assert oracle["median_time_s"] < 15.0
