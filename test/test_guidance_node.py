@@ -384,9 +384,11 @@ def test_no_backlog_at_high_input_rate(guidance, probe: Probe) -> None:
     probe.spin_until(lambda: False, 1.5)
     rx = probe.guidance_rx[n_before:]
     assert rx, "no guidance during the burst"
-    # guidance stops shortly after input stops: nothing queued behind the burst
-    # (a queue of 200 frames at >= 10 ms each would take >= 2 s to drain)
-    assert max(t for t, _ in rx) < burst_end + 1.0
+    # nothing queued behind the burst: after the input stops, at most the frame being processed and
+    # the one newest pending frame are answered (a queue would answer up to all 200 frames late).
+    # Counted, not timed, so a loaded machine cannot make this flaky.
+    late = [t for t, _ in rx if t > burst_end]
+    assert len(late) <= 3, (len(late), len(rx))
     # the newest answered frame is one of the last ones sent (the newest frame wins)
     newest = max(s for _, s in rx)
     assert newest >= stamps[-1] - 500_000_000

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
                    help="mixed precision on CUDA (auto: bf16 where supported, else fp16); off on CPU")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per training process")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="torch CPU threads per process (0: cores per process minus workers)")
     g.add_argument("--seed", type=int)
     g.add_argument("--max-gap", type=int, metavar="FRAMES", help="Dreamer pairs: max frames between t1 and t2")
     g.add_argument("--policy-weight", type=float, help="weight of the plain policy loss on t1 (Dreamer)")
@@ -53,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace):
     over = {k: getattr(args, k, None) for k in (
         "backbone", "weights", "input_size", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "amp",
-        "workers", "seed", "max_gap", "policy_weight", "dreamer_weight", "augment", "val_every",
+        "workers", "threads", "seed", "max_gap", "policy_weight", "dreamer_weight", "augment", "val_every",
         "val_max_frames", "checkpoint_every", "log_every", "device", "out_dir", "run_name")}
     cfg = make_config(args.preset, data=str(args.data), model=args.model, **over)
     if args.max_steps is not None:

@@ -51,6 +51,7 @@ class TrainConfig:
     augment: bool = False               # photometric jitter (data.dataset.ImageJitter)
     # data loading
     workers: int = 4
+    threads: int = 0                    # torch CPU threads per process; 0 = auto (cores / processes - workers)
     prefetch: int = 4
     # bookkeeping
     seed: int = 0
