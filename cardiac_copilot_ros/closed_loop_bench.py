@@ -251,6 +251,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start offset range per angle [deg] (default: the demonstrations' 40)")
     parser.add_argument("--image-size", type=int, default=224, help="simulator image side [px] (default 224, "
                         "as `simulate` writes the training scans)")
+    parser.add_argument("--pose-rate-hz", type=float, default=100.0,
+                        help="simulated arm pose rate [Hz] (default 100: five Python processes share the "
+                             "2 cores of the reference machine; the sim's own default is 250)")
     parser.add_argument("--settle-s", type=float, default=0.5,
                         help="wait after a teleport before enabling the servo [s] (fresh guidance)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="guidance node device")
@@ -544,7 +547,8 @@ class _Bench:
             old.stop()
         self._start("sim", "cardiac_copilot_ros.nodes.scanner_sim_node",
                     {"subject_seed": subject_seed, "target_plane": self.args.planes[0],
-                     "image_size": self.args.image_size, "start_offset": [0.0] * 6})
+                     "image_size": self.args.image_size, "pose_rate_hz": float(self.args.pose_rate_hz),
+                     "start_offset": [0.0] * 6})
         from .sim.phantom import make_subject
 
         expected = make_subject(subject_seed).target_pose(self.args.planes[0])
@@ -781,7 +785,8 @@ def run(args: argparse.Namespace) -> int:
         "subject_seeds": sorted({e.subject_seed for e in episodes}),
         "start_offset_range": {"mm": [max_mm, max_mm, max_mm / 5.0], "deg": [max_deg] * 3},
         "success_mm": args.success_mm, "success_deg": args.success_deg, "servo_params": bench.servo_params,
-        "image_size": args.image_size, "settle_s": args.settle_s, "complete": rc == 0,
+        "image_size": args.image_size, "pose_rate_hz": args.pose_rate_hz, "settle_s": args.settle_s,
+        "complete": rc == 0,
     }
     doc = build_report(episodes, config)
     print(f"\nClosed-loop success on the simulator ({bundle.name}; held-out subjects "

@@ -36,7 +36,6 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
@@ -147,7 +146,7 @@ class ScannerSimNode(Node):
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
         self._pub_image = self.create_publisher(Image, "image", image_qos)
-        self._pub_pose = self.create_publisher(PoseStamped, "probe_pose", 250)  # 1 s at 250 Hz
+        self._pub_pose = self.create_publisher(PoseStamped, "probe_pose", 100)  # 0.4 s at 250 Hz
         self._pub_ann = self.create_publisher(String, "annotations", QoSProfile(
             depth=10, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self._pub_target = self.create_publisher(PoseStamped, "~/true_target_pose", latched)
@@ -371,8 +370,9 @@ def _custom_data(path: Path) -> dict[str, str]:
 
 def main(args: list[str] | None = None) -> int:
     """Run the node until SIGINT/SIGTERM; exit code 2 on invalid parameters."""
-    return spin_node(ScannerSimNode, NODE_NAME, args, startup_errors=(ValueError,),
-                     make_executor=lambda: MultiThreadedExecutor(num_threads=2))
+    # One thread: with rclpy's MultiThreadedExecutor the closed-loop bench saw probe poses arrive
+    # stale at the servo (pose-watchdog faults in most episodes); single-threaded, none.
+    return spin_node(ScannerSimNode, NODE_NAME, args, startup_errors=(ValueError,))
 
 
 if __name__ == "__main__":
