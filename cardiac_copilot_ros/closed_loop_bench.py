@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from .planes import PLANE_NAMES, parse_plane
+from .processes import stop_process
 
 NAMESPACE = "/closed_loop_bench"
 #: First held-out subject seed (the default model's training data uses seeds 0-39).
@@ -319,13 +320,7 @@ class _Child:
             return ""
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout_s)
 
 
 # ---------------------------------------------------------------------------------------

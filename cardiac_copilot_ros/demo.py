@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import numpy as np
 
 from .planes import PLANE_NAMES, parse_plane
 from .pose import ACTION_AXES, ACTION_UNITS, interpolate_poses, pose_to_matrix, relative_action
+from .processes import stop_process
 
 #: Held-out subject seeds (training uses the low seeds; see docs/BENCHMARK.md).
 DEFAULT_SUBJECT_SEED = 9001
@@ -79,16 +79,6 @@ def _spawn(module: str, ros_args: list[str], log: Path) -> subprocess.Popen:
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen([sys.executable, "-m", module, "--ros-args", *ros_args],
                             stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _truth_at(col: Collector, stamp_ns: int, target_mm: np.ndarray) -> np.ndarray | None:
@@ -317,8 +307,8 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         rc = 130
     finally:
-        _stop(guidance)
-        _stop(sim)
+        stop_process(guidance)
+        stop_process(sim)
         executor.shutdown()
         node.destroy_node()
         rclpy.try_shutdown()

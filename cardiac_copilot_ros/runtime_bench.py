@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .processes import stop_process
 
 MEASURE_START = "MEASURE_START"
 MEASURE_END = "MEASURE_END"
@@ -137,13 +138,7 @@ def _measure(label: str, bundle: Path, rate_hz: float, args: argparse.Namespace,
         pub.wait(timeout=60)
     finally:
         for p in (pub, node):
-            if p.poll() is None:
-                p.send_signal(signal.SIGINT)
-                try:
-                    p.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+            stop_process(p, 20.0)
     out_path = Path(cfg["out"])
     if not out_path.exists():
         raise SystemExit(f"bench guidance: row {label!r} failed.\npublisher:\n{''.join(pub_out)[-3000:]}\n"

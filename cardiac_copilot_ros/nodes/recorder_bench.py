@@ -13,13 +13,14 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from ..processes import stop_process
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -180,13 +181,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         node.destroy_node()
         rclpy.try_shutdown()
-        if child.poll() is None:
-            child.send_signal(signal.SIGINT)
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop_process(child, 30.0)
         log.close()
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
