@@ -32,18 +32,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="also print the numbers as JSON")
 
 
+def _cycle(loader):
+    """Batches of ``loader`` without end (a new epoch starts when one runs out)."""
+    while True:
+        yield from loader
+
+
 def _time_loader(loader, device, n: int) -> tuple[float, list]:
-    it = iter(loader)
-    kept = []
-    for _ in range(2):
-        kept.append(next(it))
+    it = _cycle(loader)
+    kept = [next(it), next(it)]
     t0, count = time.perf_counter(), 0
     for _ in range(n):
-        try:
-            batch = next(it)
-        except StopIteration:
-            it = iter(loader)
-            batch = next(it)
+        batch = next(it)
         for v in batch.values():
             v.to(device, non_blocking=True)
         count += int(batch["plane"].shape[0])
@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = make_config(args.preset, data=args.data, model=args.model, batch_size=args.batch_size,
                       workers=args.workers, device=args.device)
     device = loop.pick_device(cfg.device)
+    if device.type == "cpu":  # the same thread count as training, or the numbers mislead
+        torch.set_num_threads(loop.cpu_threads(cfg.threads, cfg.workers))
     train_ds, _, manifest = loop.make_datasets(cfg)
     sampler = loop.ResumableSampler(train_ds, 1, 0, shuffle=True, seed=cfg.seed)
     loader = loop.make_loader(train_ds, cfg, sampler, device, drop_last=False)
@@ -98,13 +100,9 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize()
     step_sps = count / (time.perf_counter() - t0)
-    t0, count, it = time.perf_counter(), 0, iter(loader)
+    t0, count, it = time.perf_counter(), 0, _cycle(loader)
     for _ in range(n):
-        try:
-            b = next(it)
-        except StopIteration:
-            it = iter(loader)
-            b = next(it)
+        b = next(it)
         step(b)
         count += int(b["plane"].shape[0])
     if device.type == "cuda":
