@@ -125,8 +125,12 @@ def _is_bundle(path: Path) -> bool:
         return False
 
 
-def load_model(path: str | Path, name: str | None = None, device: str = "cpu") -> EvalModel:
-    """A run folder (best.pt), a training checkpoint or a model bundle -> :class:`EvalModel`."""
+def load_model(path: str | Path, name: str | None = None, device: str = "cpu",
+               sha256: str | None = None) -> EvalModel:
+    """A run folder (best.pt), a training checkpoint or a model bundle -> :class:`EvalModel`.
+
+    ``sha256`` pins a bundle or checkpoint file (hex digest); a mismatch is an error.
+    """
     import torch
 
     path = Path(path)
@@ -134,9 +138,16 @@ def load_model(path: str | Path, name: str | None = None, device: str = "cpu") -
         raise EvaluationError(f"{path}: no such run folder, checkpoint or bundle")
     name = name or _default_name(path)
     dev = torch.device(device)
-    if path.is_file() and _is_bundle(path):
-        from cardiac_copilot_ros.model.bundle import BundleError, load_bundle
+    from cardiac_copilot_ros.model.bundle import BundleError, check_sha256, load_bundle
 
+    if sha256:
+        if not path.is_file():
+            raise EvaluationError(f"{path}: --model-sha256 pins a file; give the checkpoint or bundle file")
+        try:
+            check_sha256(path, sha256)
+        except BundleError as exc:
+            raise EvaluationError(str(exc)) from None
+    if path.is_file() and _is_bundle(path):
         try:
             bundle = load_bundle(path, device=dev)
         except BundleError as exc:
@@ -616,6 +627,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="output folder (default: --json's folder, else outputs/eval-<time>)")
     parser.add_argument("--names", nargs="+", default=None, metavar="NAME", help="model names (one per model)")
+    parser.add_argument("--model-sha256", nargs="+", default=None, metavar="HEX",
+                        help="SHA-256 digests that pin the model files, one per model ('-' = not pinned)")
     parser.add_argument("--baseline", default=None, metavar="ENTRY",
                         help="entry the relative change is computed against (default: the first model without "
                              "a Dreamer, else the policy mode <name>/policy of the first model)")
@@ -653,7 +666,11 @@ def run(args: argparse.Namespace) -> int:
 
             torch.set_num_threads(max(1, args.threads))
         names = args.names or [None] * len(args.models)
-        models = [load_model(p, n, device) for p, n in zip(args.models, names, strict=True)]
+        pins = args.model_sha256 or [None] * len(args.models)
+        if len(pins) != len(args.models):
+            raise EvaluationError(f"--model-sha256 gives {len(pins)} digests for {len(args.models)} models")
+        pins = [None if p in ("", "-") else p for p in pins]
+        models = [load_model(p, n, device, sha) for p, n, sha in zip(args.models, names, pins, strict=True)]
         res = evaluate(models, args.data, args.split, batch_size=args.batch_size, device=device,
                        baseline=args.baseline, allow_overlap=args.allow_overlap, fig_bins=args.fig_bins,
                        fig_min_count=args.fig_min_count, progress=not args.no_progress,

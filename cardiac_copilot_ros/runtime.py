@@ -160,11 +160,13 @@ class GuidanceRuntime:
 
     ``device``: ``auto`` (CUDA when present), ``cpu`` or ``cuda``. ``num_threads``: torch intra-op
     threads (process-wide; None keeps torch's default). ``crop_roi``: ``[x, y, w, h]`` px or None.
+    ``model_sha256``: hex digest that pins the bundle file (None or '' = not pinned).
     Raises ``model.bundle.BundleError`` (naming the file) when the bundle cannot be loaded.
     """
 
     def __init__(self, bundle_path: str | Path, device: str = "auto", num_threads: int | None = None,
-                 crop_roi: Sequence[int] | None = None, warmup: int = 3, optimize: bool = True) -> None:
+                 crop_roi: Sequence[int] | None = None, warmup: int = 3, optimize: bool = True,
+                 model_sha256: str | None = None) -> None:
         import torch
 
         from .model.bundle import load_bundle
@@ -173,7 +175,7 @@ class GuidanceRuntime:
         if num_threads is not None and int(num_threads) > 0:
             torch.set_num_threads(int(num_threads))
         self.device = resolve_device(device)
-        self.bundle = load_bundle(bundle_path, device=self.device)
+        self.bundle = load_bundle(bundle_path, device=self.device, sha256=model_sha256)
         self.path = Path(self.bundle.path)
         self.meta: dict[str, Any] = dict(self.bundle.meta)
         self.input_size: tuple[int, int] = (int(self.bundle.input_size[0]), int(self.bundle.input_size[1]))

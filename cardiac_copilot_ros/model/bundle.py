@@ -8,6 +8,16 @@ Two formats with one calling convention (docs/ARCHITECTURE.md, "Model bundle"):
   ``forward(image, plane, refine)`` with ``refine`` a 0-d bool tensor (``torch.cond`` keeps
   both branches in the graph). :func:`load_bundle` wraps it so that it takes a bool as well.
 
+Security: a model file is untrusted input, and loading it must never run code from it.
+``torch.jit.load`` reads TorchScript archives with the C++ unpickler, which rebuilds tensors and
+TorchScript objects only (no Python callables). ``torch.export.load`` does not have that
+property: in torch 2.14 it unpickles weights marked ``use_pickle``, opaque-object constants and
+the archive's sample inputs, falling back to ``weights_only=False``. :func:`load_bundle`
+therefore refuses torch.export archives (whatever their name) before any torch loader sees them;
+only ``cardiac-copilot export`` reloads the ``.pt2`` it has just written itself, to check it
+(``allow_torch_export=True``). ``sha256=`` pins the exact file (node parameter ``model_sha256``,
+CLI option ``--model-sha256``).
+
 ``image`` float32 (B, 1, H, W) in [0, 1], ``plane`` int64 (B,) -> float32 (B, 6) in mm/deg.
 The metadata JSON sits in the archive as the extra file ``cardiac_copilot.json``.
 
@@ -18,7 +28,9 @@ those warnings around its own calls so none reaches users.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import re
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -43,8 +55,34 @@ _REQUIRED_KEYS = ("format", "format_version", "planes", "input_size", "action_un
                   "backbone", "has_dreamer", "action_mean", "action_std")
 
 
+#: Largest metadata JSON read from an archive, bytes (a zip entry can claim any size).
+MAX_META_BYTES = 1 << 20
+
+
 class BundleError(RuntimeError):
-    """A model bundle file is missing, corrupt, or not compatible with this code."""
+    """A model bundle file is missing, corrupt, not trusted, or not compatible with this code."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def check_sha256(path: str | Path, expected: str | None) -> None:
+    """Raise :class:`BundleError` unless ``path`` hashes to ``expected`` (hex; None/'' = no pin)."""
+    if not expected:
+        return
+    want = expected.strip().lower()
+    if not re.fullmatch(r"[0-9a-f]{64}", want):
+        raise BundleError(f"model_sha256 {expected!r} is not a SHA-256 hex digest (64 hex digits)")
+    have = file_sha256(path)
+    if have != want:
+        raise BundleError(f"{path}: SHA-256 {have} does not match the pinned model_sha256 {want}; "
+                          f"refusing to load a model file that is not the expected one")
 
 
 @contextmanager
@@ -148,6 +186,8 @@ def _inspect_archive(path: Path) -> tuple[str, dict[str, Any]]:
         meta_names = [n for n in names if n.endswith(f"/extra/{META_FILE}")]
         if not meta_names:
             raise BundleError(f"{path}: no {META_FILE} metadata inside; not a Cardiac Copilot bundle")
+        if zf.getinfo(meta_names[0]).file_size > MAX_META_BYTES:
+            raise BundleError(f"{path}: {META_FILE} metadata is larger than {MAX_META_BYTES} bytes")
         try:
             meta = json.loads(zf.read(meta_names[0]).decode("utf-8"))
         except (ValueError, UnicodeDecodeError, zipfile.BadZipFile, OSError) as exc:
@@ -265,17 +305,27 @@ class Bundle:
             return self.module(image, plane, bool(refine))
 
 
-def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
-    """Load a ``.pt`` (TorchScript) or ``.pt2`` (torch.export) bundle; format from the contents.
+def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, sha256: str | None = None,
+                allow_torch_export: bool = False) -> Bundle:
+    """Load a TorchScript ``.pt`` bundle; the format is read from the contents, not the name.
 
-    Raises :class:`BundleError` naming the file when it is missing, corrupt or incompatible.
+    ``sha256`` pins the file (hex digest; checked before anything is parsed). torch.export
+    archives are refused (loading one can run code from it, see the module docstring) unless
+    ``allow_torch_export`` is set, which only code that has just written the file itself may do.
+    Raises :class:`BundleError` naming the file when it is missing, corrupt, refused or
+    incompatible.
     """
     path = Path(path)
     if not path.exists():
         raise BundleError(f"{path}: model bundle not found")
     if not path.is_file():
         raise BundleError(f"{path}: not a file")
+    check_sha256(path, sha256)
     fmt, meta = _inspect_archive(path)
+    if fmt == "export" and not allow_torch_export:
+        raise BundleError(f"{path}: refusing a torch.export archive: torch.export.load unpickles parts "
+                          f"of the file and can run code from it. Use a TorchScript .pt bundle "
+                          f"(`cardiac-copilot export RUN --out FILE.pt`)")
     validate_metadata(meta, path)
     dev = torch.device(device)
     try:

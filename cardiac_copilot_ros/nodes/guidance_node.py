@@ -285,8 +285,11 @@ class GuidanceNode(Node):
 
     def _declare_parameters(self) -> None:
         d = self.declare_parameter
-        d("model_path", "", _descr("model bundle (.pt TorchScript or .pt2 torch.export); empty = the "
-                                   "package's models/default.pt", read_only=True))
+        d("model_path", "", _descr("model bundle (.pt TorchScript; torch.export .pt2 files are refused: "
+                                   "loading them can run code); empty = the package's models/default.pt",
+                                   read_only=True))
+        d("model_sha256", "", _descr("SHA-256 hex digest that pins the model file; the node refuses to start "
+                                     "when the file differs; empty = not pinned", read_only=True))
         d("device", "auto", _descr("inference device", True, "auto (CUDA when present) | cpu | cuda"))
         d("num_threads", 0, _descr("torch intra-op threads; 0 = number of cores - 1 (at least 1)", True,
                                    integer_range=_int_range(0, 256)))
@@ -335,7 +338,7 @@ class GuidanceNode(Node):
             raise StartupError(f"parameter crop_roi: {exc}") from None
         try:
             return GuidanceRuntime(path, device=self.get_parameter("device").value, num_threads=threads,
-                                   crop_roi=roi)
+                                   crop_roi=roi, model_sha256=str(self.get_parameter("model_sha256").value))
         except ValueError as exc:  # device, or BundleError (a ValueError or RuntimeError subclass)
             raise StartupError(f"cannot load model file {path}: {exc}") from exc
         except Exception as exc:
