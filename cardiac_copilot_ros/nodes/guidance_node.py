@@ -666,7 +666,7 @@ class GuidanceNode(Node):
             except FrameError as exc:
                 self._stats.add("bad_images")
                 self._last_reject = str(exc)
-                log.error(f"every frame is rejected: {exc}; set crop_roi to fit the frames "
+                log.error(f"frame rejected: {exc}; set crop_roi to fit the frames "
                           f"(ros2 param set {self.get_fully_qualified_name()} crop_roi ...)",
                           throttle_duration_sec=THROTTLE_S)
                 return None
