@@ -16,14 +16,85 @@ ENCODINGS: dict[str, tuple[int, np.dtype]] = {
     "mono16": (1, np.dtype(np.uint16)), "16uc1": (1, np.dtype(np.uint16)),
     "rgb8": (3, np.dtype(np.uint8)), "bgr8": (3, np.dtype(np.uint8)),
     "rgba8": (4, np.dtype(np.uint8)), "bgra8": (4, np.dtype(np.uint8)),
+    # 4:2:2 YUV, two bytes per pixel: luma in byte 1 (UYVY order: ROS "yuv422", "uyvy") or
+    # byte 0 (YUYV order: "yuv422_yuy2", "yuyv"); grey = the luma, chroma is dropped
+    "yuv422": (2, np.dtype(np.uint8)), "uyvy": (2, np.dtype(np.uint8)),
+    "yuv422_yuy2": (2, np.dtype(np.uint8)), "yuyv": (2, np.dtype(np.uint8)),
 }
+#: Byte of the luma in each 2-byte pixel of the 4:2:2 encodings above.
+_YUV422_LUMA = {"yuv422": 1, "uyvy": 1, "yuv422_yuy2": 0, "yuyv": 0}
 
 #: Largest accepted image side in pixels (protects the node from absurd messages).
 MAX_SIDE_PX = 8192
+#: Default cap on width x height of an accepted image (guidance_node ``max_image_pixels``).
+DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 class ImageFormatError(ValueError):
     """The image message cannot be turned into an array (encoding, size, data length)."""
+
+
+class ImageTooLargeError(ImageFormatError):
+    """The image is larger than allowed (found from the header, before any decoding)."""
+
+
+def check_size(width: int, height: int, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    """Raise :class:`ImageTooLargeError` beyond :data:`MAX_SIDE_PX` per side or ``max_pixels``."""
+    if width > MAX_SIDE_PX or height > MAX_SIDE_PX:
+        raise ImageTooLargeError(f"image too large ({width} x {height}); limit {MAX_SIDE_PX} px per side")
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageTooLargeError(f"image too large ({width} x {height} = {width * height} px); "
+                                 f"limit {max_pixels} px (max_image_pixels)")
+
+
+#: JPEG start-of-frame markers (SOF0..SOF15 without DHT C4, JPG C8, DAC CC): they carry the size.
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def compressed_image_size(data: Any) -> tuple[str, int, int]:
+    """(format, width, height) of PNG or JPEG bytes, read from the header without decoding.
+
+    PNG: the IHDR chunk, which must come first. JPEG: the first SOFn segment. Raises
+    :class:`ImageFormatError` for other formats or a malformed header.
+    """
+    buf = _buffer(data)
+    head = buf[:8].tobytes()
+    if head == _PNG_SIGNATURE:
+        if buf.size < 24 or buf[12:16].tobytes() != b"IHDR":
+            raise ImageFormatError("PNG without an IHDR chunk first")
+        w, h = int.from_bytes(buf[16:20].tobytes(), "big"), int.from_bytes(buf[20:24].tobytes(), "big")
+        if w == 0 or h == 0:
+            raise ImageFormatError(f"PNG header says {w} x {h}")
+        return "png", w, h
+    if head[:2] == b"\xff\xd8":
+        b = memoryview(np.ascontiguousarray(buf))
+        i, n = 2, buf.size
+        while i + 4 <= n:
+            if b[i] != 0xFF:
+                raise ImageFormatError(f"JPEG: no marker at byte {i}")
+            marker = b[i + 1]
+            if marker == 0xFF:                      # fill byte
+                i += 1
+                continue
+            if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # stand-alone markers
+                i += 2
+                continue
+            if marker in (0xD9, 0xDA):              # end of image / start of scan before any frame
+                break
+            length = (b[i + 2] << 8) | b[i + 3]
+            if length < 2:
+                raise ImageFormatError("JPEG: bad segment length")
+            if marker in _JPEG_SOF:
+                if i + 9 > n:
+                    break
+                h, w = (b[i + 5] << 8) | b[i + 6], (b[i + 7] << 8) | b[i + 8]
+                if w == 0 or h == 0:
+                    raise ImageFormatError(f"JPEG frame header says {w} x {h} (height by DNL is unsupported)")
+                return "jpeg", w, h
+            i += 2 + length
+        raise ImageFormatError("JPEG without a frame header (SOF) before the image data")
+    raise ImageFormatError("compressed image is neither PNG nor JPEG (by its signature)")
 
 
 def _buffer(data: Any) -> np.ndarray:
@@ -35,11 +106,12 @@ def _buffer(data: Any) -> np.ndarray:
         return np.asarray(data, dtype=np.uint8)
 
 
-def image_msg_to_array(msg: Any) -> np.ndarray:
+def image_msg_to_array(msg: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """sensor_msgs/Image -> (H, W) or (H, W, C) array in the message's encoding.
 
     Honours ``step`` (row padding) and ``is_bigendian``. Raises :class:`ImageFormatError`
-    on an unsupported encoding, a zero or huge size, or data shorter than ``step * height``.
+    on an unsupported encoding, a zero size, or data shorter than ``step * height``, and
+    :class:`ImageTooLargeError` beyond :data:`MAX_SIDE_PX` per side or ``max_pixels``.
     """
     enc = str(msg.encoding).lower()
     if enc not in ENCODINGS:
@@ -51,8 +123,7 @@ def image_msg_to_array(msg: Any) -> np.ndarray:
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     if h <= 0 or w <= 0:
         raise ImageFormatError(f"empty image ({w} x {h})")
-    if h > MAX_SIDE_PX or w > MAX_SIDE_PX:
-        raise ImageFormatError(f"image too large ({w} x {h}); limit {MAX_SIDE_PX} px per side")
+    check_size(w, h, max_pixels)
     row = w * channels * dtype.itemsize
     data = _buffer(msg.data)
     if step < row:
@@ -68,6 +139,8 @@ def image_msg_to_array(msg: Any) -> np.ndarray:
 def to_gray_u8(image: np.ndarray, encoding: str = "mono8") -> np.ndarray:
     """Any accepted encoding's array -> (H, W) uint8 grayscale."""
     enc = encoding.lower()
+    if enc in _YUV422_LUMA and image.ndim == 3 and image.shape[2] == 2:
+        return np.ascontiguousarray(image[..., _YUV422_LUMA[enc]])
     if image.ndim == 2:
         if image.dtype == np.uint16:
             return (image >> 8).astype(np.uint8)
@@ -79,18 +152,24 @@ def to_gray_u8(image: np.ndarray, encoding: str = "mono8") -> np.ndarray:
     return np.clip(gray + 0.5, 0, 255).astype(np.uint8)
 
 
-def compressed_msg_to_gray(msg: Any) -> np.ndarray:
-    """sensor_msgs/CompressedImage (jpeg/png) -> (H, W) uint8 grayscale."""
+def compressed_msg_to_gray(msg: Any, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """sensor_msgs/CompressedImage (jpeg/png) -> (H, W) uint8 grayscale.
+
+    The size is read from the PNG / JPEG header and checked against :data:`MAX_SIDE_PX` and
+    ``max_pixels`` *before* decoding (:class:`ImageTooLargeError`), so a decompression bomb
+    (a few hundred KB that inflate to gigapixels) is refused at once; other formats are refused.
+    """
     import cv2
 
     data = _buffer(msg.data)
     if data.size == 0:
         raise ImageFormatError("compressed image has no data")
+    _, w, h = compressed_image_size(data)
+    check_size(w, h, max_pixels)
     img = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
     if img is None:
         raise ImageFormatError(f"cannot decode compressed image (format {msg.format!r})")
-    if img.shape[0] > MAX_SIDE_PX or img.shape[1] > MAX_SIDE_PX:
-        raise ImageFormatError(f"image too large ({img.shape[1]} x {img.shape[0]})")
+    check_size(img.shape[1], img.shape[0], max_pixels)  # belt and braces (EXIF rotation may swap w, h)
     return img
 
 

@@ -319,8 +319,19 @@ class ServoController:
 
     # ------------------------------------------------------------------ switching
     def enable(self, now_s: float) -> tuple[bool, str]:
-        """Enable: anchor the workspace at the current pose. Returns (ok, message)."""
+        """Enable: anchor the workspace at the current pose. Returns (ok, message).
+
+        Only a real disabled -> enabled transition (from ``disabled``, ``workspace`` or ``fault``)
+        anchors the workspace limit. Enabling while already enabled keeps the anchor and the
+        state (a client that re-asserts ``enable`` must not move the limit with the probe); it
+        only releases a ``converge_latch`` hold, as the operator's "resume".
+        """
         cfg = self.config
+        if self._enabled:
+            if self._converged and cfg.converge_latch:
+                self._converged, self._within_since_s = False, None
+                return True, "already enabled: convergence latch released (workspace anchor kept)"
+            return True, "already enabled (workspace anchor kept)"
         if cfg.require_probe_pose and not self._pose_fresh(now_s):
             return False, "no fresh probe pose: cannot anchor the workspace limit"
         self._anchor_T = None if self._pose_T is None else self._pose_T.copy()

@@ -115,7 +115,7 @@ def test_padded_rows_and_mono16() -> None:
 
 
 @pytest.mark.parametrize("fields", [
-    {"height": 2, "width": 2, "encoding": "yuv422", "step": 4, "data": bytes(8)},     # encoding
+    {"height": 2, "width": 2, "encoding": "32FC1", "step": 8, "data": bytes(16)},    # encoding
     {"height": 4, "width": 4, "encoding": "mono8", "step": 4, "data": bytes(10)},     # too short
     {"height": 0, "width": 0, "encoding": "mono8", "step": 0, "data": b""},           # zero size
     {"height": 100000, "width": 2, "encoding": "mono8", "step": 2, "data": bytes(4)},  # huge
@@ -130,3 +130,22 @@ def test_bad_compressed_rejected() -> None:
     for data in (b"", b"not an image at all"):
         with pytest.raises(conv.MessageError):
             conv.compressed_msg_to_gray(CompressedImage(format="png", data=data))
+
+
+def test_yuv422_camera_frames_become_grey() -> None:
+    """Issue 14: a camera sending yuv422 (UYVY) had every frame rejected."""
+    y = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    uyvy = np.stack([np.full_like(y, 128), y], axis=2)              # U/V, Y per pixel
+    msg = Image(height=3, width=4, encoding="yuv422", step=8, data=uyvy.tobytes())
+    msg = deserialize_message(serialize_message(msg), Image)
+    np.testing.assert_array_equal(conv.any_image_msg_to_gray(msg), y)
+
+
+def test_too_large_images_raise_image_too_large() -> None:
+    msg = conv.gray_to_compressed_msg(np.zeros((48, 64), np.uint8), 1, "us_image", "png")
+    with pytest.raises(conv.ImageTooLargeMessageError, match="max_image_pixels"):
+        conv.any_image_msg_to_gray(msg, max_pixels=100)
+    raw = conv.gray_to_image_msg(np.zeros((48, 64), np.uint8), 1, "us_image")
+    with pytest.raises(conv.ImageTooLargeMessageError):
+        conv.any_image_msg_to_gray(raw, max_pixels=100)
+    assert conv.any_image_msg_to_gray(raw, max_pixels=64 * 48).shape == (48, 64)

@@ -21,7 +21,7 @@ from ros_helpers import NodeProcess, ros_node, spin_until
 torch = pytest.importorskip("torch")
 
 import rclpy  # noqa: E402
-from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from geometry_msgs.msg import PoseStamped, TwistStamped  # noqa: E402
 from rcl_interfaces.msg import Parameter as ParameterMsg  # noqa: E402
 from rcl_interfaces.msg import ParameterType, ParameterValue  # noqa: E402
@@ -95,6 +95,7 @@ class Probe:
         self.target: dict[int, PoseStamped] = {}
         self.markers: dict[int, MarkerArray] = {}
         self.diagnostics: list[dict[str, str]] = []
+        self.diag_status: list[tuple[bytes, str, dict[str, str]]] = []   # (level, message, values)
         node.create_subscription(TwistStamped, f"{NS}/guidance", self._on_guidance, 100)
         node.create_subscription(PoseStamped, f"{NS}/target_pose",
                                  lambda m: self.target.__setitem__(conv.stamp_to_ns(m.header.stamp), m), 100)
@@ -115,7 +116,9 @@ class Probe:
     def _on_diag(self, msg: DiagnosticArray) -> None:
         for st in msg.status:
             if st.name.endswith("guidance_node: guidance"):
-                self.diagnostics.append({kv.key: kv.value for kv in st.values})
+                values = {kv.key: kv.value for kv in st.values}
+                self.diagnostics.append(values)
+                self.diag_status.append((st.level, st.message, values))
 
     def spin_until(self, pred: Callable[[], bool], timeout_s: float = 10.0) -> bool:
         return spin_until(self.node, pred, timeout_s)
@@ -154,6 +157,12 @@ class Probe:
         for name, v in values.items():
             if isinstance(v, bool):
                 pv = ParameterValue(type=ParameterType.PARAMETER_BOOL, bool_value=v)
+            elif isinstance(v, int):
+                pv = ParameterValue(type=ParameterType.PARAMETER_INTEGER, integer_value=v)
+            elif isinstance(v, float):
+                pv = ParameterValue(type=ParameterType.PARAMETER_DOUBLE, double_value=v)
+            elif isinstance(v, list):
+                pv = ParameterValue(type=ParameterType.PARAMETER_INTEGER_ARRAY, integer_array_value=v)
             else:
                 pv = ParameterValue(type=ParameterType.PARAMETER_STRING, string_value=str(v))
             msgs.append(ParameterMsg(name=name, value=pv))
@@ -252,7 +261,7 @@ def test_plane_and_dreamer_switch_at_run_time(guidance, probe: Probe, reference:
 def _bad_images(stamp: int) -> list[object]:
     """Unsupported encoding, data shorter than step x height, zero size, huge."""
     out = []
-    for fields in ({"encoding": "yuv422"}, {"data": bytes(10)}, {"height": 0, "width": 0, "step": 0, "data": b""},
+    for fields in ({"encoding": "32FC1"}, {"data": bytes(10)}, {"height": 0, "width": 0, "step": 0, "data": b""},
                    {"height": 100_000, "step": 8}):
         msg = conv.gray_to_image_msg(_frame(9, (8, 8)), stamp, "us_image")
         for k, v in fields.items():
@@ -398,10 +407,157 @@ def test_no_backlog_at_high_input_rate(guidance, probe: Probe) -> None:
     assert dropped > 0
 
 
+def _wait_diag(probe: Probe, since: int, pred: Callable[[bytes, str, dict[str, str]], bool],
+               timeout_s: float = 15.0) -> tuple[bytes, str, dict[str, str]]:
+    """The first diagnostics status after index ``since`` with ``pred(level, message, values)``."""
+    found: list[tuple[bytes, str, dict[str, str]]] = []
+
+    def ok() -> bool:
+        found[:] = [st for st in probe.diag_status[since:] if pred(*st)][:1]
+        return bool(found)
+
+    assert probe.spin_until(ok, timeout_s), probe.diag_status[-3:]
+    return found[0]
+
+
+def _keep_sending(probe: Probe, make_msg: Callable[[int], object], until: Callable[[], bool], pub=None,
+                  timeout_s: float = 15.0, period_s: float = 0.05) -> list[int]:
+    """Publish fresh frames every ``period_s`` until ``until()``; returns their stamps."""
+    pub = pub or probe.pub_image
+    stamps = []
+    deadline = time.monotonic() + timeout_s
+    while not until() and time.monotonic() < deadline:
+        stamps.append(probe.next_stamp())
+        pub.publish(make_msg(stamps[-1]))
+        probe.spin_until(lambda: False, period_s)
+    assert until()
+    return stamps
+
+
+def test_crop_roi_checked_against_the_frames(guidance, probe: Probe) -> None:
+    """Issue 14: a crop outside the frame was accepted, then every frame rejected under an OK status."""
+    frame = _frame(20)                                                  # 128 x 96
+    probe.request(lambda s: conv.gray_to_image_msg(frame, s, "us_image"))
+    small = _frame(21, (48, 64))
+    try:
+        res = probe.set_params(crop_roi=[200, 0, 0, 0])
+        assert not res[0].successful and "outside the 128 x 96 image" in res[0].reason
+        assert list(guidance.get_parameter("crop_roi").value) == [0, 0, 0, 0]
+        assert not probe.set_params(crop_roi=[0, 0, 10])[0].successful
+        assert not probe.set_params(crop_roi=[-1, 0, 0, 0])[0].successful
+        assert probe.set_params(crop_roi=[100, 80, 0, 0])[0].successful  # fits 128 x 96
+        # then the camera sends 64 x 48 frames, which the crop misses: rejected, /diagnostics ERROR with the reason
+        n = len(probe.diag_status)
+        stamps = _keep_sending(probe, lambda s: conv.gray_to_image_msg(small, s, "us_image"),
+                               lambda: any(lvl == DiagnosticStatus.ERROR and "crop_roi" in msg
+                                           for lvl, msg, _ in probe.diag_status[n:]))
+        assert not any(s in probe.guidance for s in stamps)
+    finally:
+        assert probe.set_params(crop_roi=[0, 0, 0, 0])[0].successful
+    n = len(probe.diag_status)
+    probe.request(lambda s: conv.gray_to_image_msg(small, s, "us_image"))
+    _wait_diag(probe, n, lambda lvl, _m, v: lvl != DiagnosticStatus.ERROR and float(v["no_guidance_s"]) == 0)
+
+
+def test_yuv422_frames_answered(guidance, probe: Probe, reference: GuidanceRuntime) -> None:
+    """Issue 14: a camera sending yuv422 (UYVY) had every frame rejected."""
+    frame = _frame(22)
+
+    def make(stamp: int) -> Image:
+        msg = conv.gray_to_image_msg(frame, stamp, "us_image")
+        uyvy = np.stack([np.full_like(frame, 128), frame], axis=2)
+        msg.encoding, msg.step, msg.data = "yuv422", frame.shape[1] * 2, uyvy.tobytes()
+        return msg
+
+    stamp = probe.request(make)
+    _assert_twist_equals(probe.guidance[stamp], reference.predict(frame, "PLAX", True).action)
+
+
+def test_decompression_bomb_and_pixel_cap(guidance, probe: Probe, reference: GuidanceRuntime) -> None:
+    """Issue 14: a 30000 x 30000 PNG of a few hundred KB is refused from its header, and counted."""
+    from test_images import png_zeros
+
+    before = int(probe.latest_diag()["oversized_images"])
+    bomb = png_zeros(30000, 30000, 1)
+    bomb_stamps = _keep_sending(
+        probe, lambda s: CompressedImage(header=conv.make_header(s, "us_image"), format="png", data=bomb),
+        lambda: int(probe.diagnostics[-1]["oversized_images"]) > before, pub=probe.pub_compressed, period_s=0.2)
+    frame = _frame(23)
+    stamp = probe.request(lambda s: conv.gray_to_compressed_msg(frame, s, "us_image", "png"), pub=probe.pub_compressed)
+    _assert_twist_equals(probe.guidance[stamp], reference.predict(frame, "PLAX", True).action)
+    assert not any(s in probe.guidance for s in bomb_stamps)
+    try:
+        assert not probe.set_params(max_image_pixels=0)[0].successful
+        assert probe.set_params(max_image_pixels=1000)[0].successful    # a 128 x 96 frame is now too large
+        n = int(probe.diagnostics[-1]["oversized_images"])
+        capped = _keep_sending(probe, lambda s: conv.gray_to_image_msg(frame, s, "us_image"),
+                               lambda: int(probe.diagnostics[-1]["oversized_images"]) > n, period_s=0.2)
+        assert not any(s in probe.guidance for s in capped)
+    finally:
+        assert probe.set_params(max_image_pixels=4096 * 4096)[0].successful
+    probe.request(lambda s: conv.gray_to_image_msg(frame, s, "us_image"))
+
+
+def test_bad_stamps_warned_counted_and_answered(guidance, probe: Probe) -> None:
+    """Issue 14: stamps of 0, a day ahead or a day behind: answered (keeping the stamp), counted, WARN."""
+    frame = _frame(24)
+    before = int(probe.latest_diag()["bad_stamps"])
+    n = len(probe.diag_status)
+    day = 86_400 * 1_000_000_000
+    now = time.time_ns()
+    for stamp in (0, now + day, now - day):
+        deadline = time.monotonic() + 10.0
+        while stamp not in probe.guidance and time.monotonic() < deadline:   # best effort: retry
+            probe.pub_image.publish(conv.gray_to_image_msg(frame, stamp, "us_image"))
+            probe.spin_until(lambda s=stamp: s in probe.guidance, 1.0)
+        assert stamp in probe.guidance
+    _wait_diag(probe, n, lambda _l, _m, v: int(v["bad_stamps"]) >= before + 3)
+    _wait_diag(probe, n, lambda lvl, msg, _v: lvl == DiagnosticStatus.WARN and "bad stamps" in msg)
+    # a day of "latency" must not enter the statistics
+    for _l, _m, v in probe.diag_status[n:]:
+        assert abs(float(v.get("latency_ms_p95", 0.0))) < 60_000, v
+
+
+def test_second_guidance_publisher_reported(guidance, probe: Probe) -> None:
+    """Issue 14: two guidance nodes on the same topics went unnoticed."""
+    n = len(probe.diag_status)
+    other = probe.node.create_publisher(TwistStamped, f"{NS}/guidance", 10)
+    try:
+        lvl, msg, _ = _wait_diag(probe, n, lambda _l, _m, v: v["guidance_publishers"] == "2")
+        assert lvl != DiagnosticStatus.OK
+        _wait_diag(probe, n, lambda lvl, msg, _v: lvl == DiagnosticStatus.WARN and "guidance_test_probe" in msg)
+    finally:
+        probe.node.destroy_publisher(other)
+    _wait_diag(probe, len(probe.diag_status), lambda _l, _m, v: v["guidance_publishers"] == "1")
+
+
+def test_frames_lost_in_transport_counted(guidance, probe: Probe) -> None:
+    """Issue 14: frames lost on the way (best effort) showed only as a lower rate: count stamp gaps."""
+    frame = _frame(25, (32, 32))
+    period_ns, total = 33_333_333, 130
+    skipped = {k for k in range(75, total) if k % 5 == 2}             # after a full estimation window
+    before = probe.latest_diag()
+    lost0, rx0 = int(before["frames_lost_transport"]), int(before["frames_received"])
+    time.sleep(1.2)                                                   # a pause: the estimate starts afresh
+    t0 = time.time_ns()
+    for k in range(total):
+        while time.time_ns() < t0 + k * period_ns:                    # stamps paced by the wall clock
+            probe.spin_until(lambda: False, 0.005)
+        if k not in skipped:
+            probe.pub_image.publish(conv.gray_to_image_msg(frame, t0 + k * period_ns, "us_image"))
+    assert probe.spin_until(lambda: int(probe.diagnostics[-1]["frames_lost_transport"]) - lost0 >= len(skipped)
+                            and int(probe.diagnostics[-1]["frames_received"]) - rx0 > 0, 10.0)
+    probe.spin_until(lambda: False, 0.5)
+    d = probe.diagnostics[-1]
+    lost, rx = int(d["frames_lost_transport"]) - lost0, int(d["frames_received"]) - rx0
+    assert rx + lost <= total, (rx, lost)                            # only frames that are really missing
+    assert float(d["stream_period_ms"]) == pytest.approx(period_ns / 1e6, rel=0.05)
+
+
 def test_parameters_have_descriptions(guidance) -> None:
     names = ["model_path", "target_plane", "use_dreamer", "device", "crop_roi", "image_transport",
              "qos_reliability", "qos_depth", "base_frame", "probe_frame", "max_pose_age_s", "pose_source",
-             "marker_lifetime_s", "num_threads", "diagnostics_period_s"]
+             "marker_lifetime_s", "num_threads", "diagnostics_period_s", "max_image_pixels", "max_stamp_skew_s"]
     for desc in guidance.describe_parameters(names):
         assert desc.description, desc.name
     ro = {d.name: d.read_only for d in guidance.describe_parameters(names)}

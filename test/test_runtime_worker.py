@@ -13,16 +13,18 @@ from cardiac_copilot_ros import runtime
 
 def test_worker_processes_latest_and_counts_drops() -> None:
     gate = threading.Event()
+    started = threading.Event()
     seen: list[int] = []
 
     def process(item: int) -> int:
-        gate.wait(5.0)
+        started.set()
+        gate.wait(30.0)
         return item * 10
 
     worker = runtime.LatestFrameWorker(process, on_result=lambda i, r: seen.append(r))
     try:
-        worker.submit(0)           # picked up at once, blocks on the gate
-        time.sleep(0.05)
+        worker.submit(0)           # picked up by the worker, blocks on the gate
+        assert started.wait(30.0)  # (an event, not a fixed pick-up window: CI machines are slow)
         dropped = [worker.submit(i) for i in range(1, 6)]   # 1..4 replaced by the next one
         assert dropped == [False, True, True, True, True]
         gate.set()

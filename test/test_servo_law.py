@@ -364,9 +364,42 @@ def test_config_yaml_matches_the_defaults() -> None:
     params = yaml.safe_load(path.read_text())["copilot_servo"]["ros__parameters"]
     names = {f.name for f in dataclasses.fields(ServoConfig)}
     assert names <= set(params), f"missing in servo.yaml: {sorted(names - set(params))}"
-    assert set(params) - names == {"probe_frame", "status_period_s"}
+    assert set(params) - names == {"probe_frame", "base_frame", "status_period_s"}
     defaults = ServoConfig()
     for name in names:
         value = params[name]
         assert value == getattr(defaults, name), name
         assert type(value) is type(getattr(defaults, name)), f"{name}: write {value!r} with the right type"
+
+
+def test_reenable_while_active_keeps_the_workspace_anchor() -> None:
+    """A client re-asserting enable must not move the workspace limit with the probe (issue 14)."""
+    sim = Sim()
+    assert sim.enable()[0]
+    sim.guidance = guid([0.1, 0, 0])
+    sim.run(0.5)
+    sim.pose = pose_at((0.04, 0.0, 0.0))                # 40 mm of 50: inside
+    assert published(sim.run(0.1))[-1].state is ServoState.ACTIVE
+    ok, msg = sim.enable()                              # re-asserted while active
+    assert ok and "anchor kept" in msg
+    assert sim.ctl.state is ServoState.ACTIVE
+    sim.pose = pose_at((0.08, 0.0, 0.0))                # 80 mm from the enable pose, 40 mm from here
+    cmds = published(sim.run(0.1))
+    assert cmds[0].state is ServoState.WORKSPACE and cmds[0].is_zero
+    assert sim.ctl.travel_m == pytest.approx(0.08)
+    # a real disabled -> enabled transition re-anchors
+    assert sim.enable()[0]
+    assert published(sim.run(0.2))[-1].state is ServoState.ACTIVE
+
+
+def test_reenable_releases_the_convergence_latch_without_reanchoring() -> None:
+    sim = Sim(CFG.updated(converge_latch=True))
+    sim.enable()
+    sim.guidance = guid([0.001, 0, 0])
+    sim.run(1.5)
+    sim.pose = pose_at((0.03, 0.0, 0.0))
+    sim.guidance = guid([0.02, 0, 0])
+    assert published(sim.run(0.3))[-1].state is ServoState.CONVERGED
+    assert sim.enable()[0]                              # the operator resumes
+    assert published(sim.run(0.3))[-1].state is ServoState.ACTIVE
+    assert sim.ctl.travel_m == pytest.approx(0.03)      # still measured from the first enable pose

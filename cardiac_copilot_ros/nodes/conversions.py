@@ -37,6 +37,15 @@ class MessageError(ValueError):
     """A message cannot be converted (non-finite values, non-unit quaternion, bad image)."""
 
 
+class ImageTooLargeMessageError(MessageError):
+    """The image exceeds the size limits (found from its header before decoding)."""
+
+
+def _image_error(exc: images.ImageFormatError) -> MessageError:
+    cls = ImageTooLargeMessageError if isinstance(exc, images.ImageTooLargeError) else MessageError
+    return cls(str(exc))
+
+
 # ---------------------------------------------------------------------------------------
 # Time
 # ---------------------------------------------------------------------------------------
@@ -185,31 +194,35 @@ def twist_msg_to_action(msg: Twist | TwistStamped) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 
 
-def image_msg_to_gray(msg: Any) -> np.ndarray:
+def image_msg_to_gray(msg: Any, max_pixels: int | None = images.DEFAULT_MAX_PIXELS) -> np.ndarray:
     """sensor_msgs/Image (any encoding of :data:`images.ENCODINGS`) -> (H, W) uint8 gray.
 
-    Raises :class:`MessageError` (with the reason from :mod:`images`) on bad input.
+    Raises :class:`MessageError` (with the reason from :mod:`images`) on bad input,
+    :class:`ImageTooLargeMessageError` beyond ``max_pixels`` (width x height) or 8192 px per side.
     """
     try:
-        arr = images.image_msg_to_array(msg)
+        arr = images.image_msg_to_array(msg, max_pixels)
         return images.to_gray_u8(arr, str(msg.encoding))
     except images.ImageFormatError as exc:
-        raise MessageError(str(exc)) from exc
+        raise _image_error(exc) from exc
 
 
-def compressed_msg_to_gray(msg: Any) -> np.ndarray:
-    """sensor_msgs/CompressedImage (jpeg/png) -> (H, W) uint8 gray; :class:`MessageError` on bad data."""
+def compressed_msg_to_gray(msg: Any, max_pixels: int | None = images.DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """sensor_msgs/CompressedImage (jpeg/png) -> (H, W) uint8 gray; :class:`MessageError` on bad data.
+
+    The size is checked from the PNG/JPEG header before decoding (:class:`ImageTooLargeMessageError`).
+    """
     try:
-        return images.compressed_msg_to_gray(msg)
+        return images.compressed_msg_to_gray(msg, max_pixels)
     except images.ImageFormatError as exc:
-        raise MessageError(str(exc)) from exc
+        raise _image_error(exc) from exc
 
 
-def any_image_msg_to_gray(msg: Any) -> np.ndarray:
+def any_image_msg_to_gray(msg: Any, max_pixels: int | None = images.DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Image or CompressedImage -> (H, W) uint8 gray (dispatch on the message's fields)."""
     if hasattr(msg, "encoding"):
-        return image_msg_to_gray(msg)
-    return compressed_msg_to_gray(msg)
+        return image_msg_to_gray(msg, max_pixels)
+    return compressed_msg_to_gray(msg, max_pixels)
 
 
 def gray_to_image_msg(gray: np.ndarray, stamp: Any, frame_id: str) -> Any:

@@ -42,6 +42,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import ColorRGBA
 from visualization_msgs.msg import Marker, MarkerArray
 
+from .. import images
 from .. import pose as pose_alg
 from ..planes import PLANE_NAMES, parse_plane
 from ..runtime import (
@@ -50,6 +51,7 @@ from ..runtime import (
     GuidanceRuntime,
     InferenceError,
     LatestFrameWorker,
+    crop,
     default_model_path,
     default_num_threads,
     normalize_roi,
@@ -65,6 +67,12 @@ DEVICES = ("auto", "cpu", "cuda")
 THROTTLE_S = 2.0
 #: Probe poses kept for lookups at image stamps.
 POSE_BUFFER = 200
+#: Images arriving but no guidance answered for this long [s] -> /diagnostics WARN or ERROR.
+NO_GUIDANCE_S = 2.0
+#: Gaps between image stamps longer than this many stream periods, or than MAX_GAP_S seconds,
+#: are a pause of the stream, not lost frames.
+MAX_GAP_PERIODS = 50
+MAX_GAP_S = 1.0
 
 
 class StartupError(RuntimeError):
@@ -178,11 +186,50 @@ def build_markers(action: np.ndarray, stamp: Any, frame_id: str, lifetime_s: flo
 # Node
 # ---------------------------------------------------------------------------------------
 
+class _StampGaps:
+    """Frames lost in transport, estimated from gaps between consecutive image header stamps.
+
+    The stream period is estimated from recent stamp differences (the mean of those near
+    their 25th percentile, so it holds with up to ~75 % of frames lost); a gap of ``k``
+    periods means ``k - 1`` frames lost. Repeated stamps count nothing; a backwards stamp or a
+    gap beyond :data:`MAX_GAP_PERIODS` periods or :data:`MAX_GAP_S` (a restarted or paused
+    stream) counts nothing and starts the estimate afresh (it may come back at another rate).
+    """
+
+    def __init__(self, window: int = 64) -> None:
+        self.last_ns: int | None = None
+        self.diffs: deque[int] = deque(maxlen=window)
+        self.period_ns: float | None = None
+
+    def add(self, stamp_ns: int) -> int:
+        """Take the next stamp; returns the number of frames lost just before it."""
+        last, self.last_ns = self.last_ns, stamp_ns
+        if last is None or stamp_ns == last:
+            return 0
+        diff = stamp_ns - last
+        period = self.period_ns
+        if diff < 0 or diff > MAX_GAP_S * 1e9 or (period is not None and diff > MAX_GAP_PERIODS * period):
+            self.diffs.clear()
+            self.period_ns = None
+            return 0
+        self.diffs.append(diff)
+        if len(self.diffs) >= 8 and (period is None or len(self.diffs) % 8 == 0):
+            arr = np.asarray(self.diffs, dtype=np.float64)
+            p0 = float(np.percentile(arr, 25))
+            near = arr[(arr > 0.5 * p0) & (arr < 1.5 * p0)]
+            self.period_ns = float(near.mean()) if near.size else p0
+        if period is None or period <= 0:
+            return 0
+        k = int(round(diff / period))
+        return k - 1 if 2 <= k <= MAX_GAP_PERIODS else 0
+
+
 class _Stats:
     """Thread-safe counters and recent latencies for diagnostics."""
 
     KEYS = ("frames_received", "frames_processed", "frames_dropped", "bad_images", "bad_poses",
-            "stale_poses", "model_errors", "internal_errors", "guidance_published", "target_poses_published")
+            "stale_poses", "model_errors", "internal_errors", "guidance_published", "target_poses_published",
+            "oversized_images", "bad_stamps", "frames_lost_transport")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -237,6 +284,17 @@ class GuidanceNode(Node):
         self._poses: deque[tuple[int, np.ndarray]] = deque(maxlen=POSE_BUFFER)
         self._pose_lock = threading.Lock()
         self._last_diag = (time.monotonic(), 0, 0)
+        # input guards (issue 14): frame size seen last, stamp checks, transport gaps, stalls
+        self._max_pixels = int(gp("max_image_pixels").value)
+        self._max_stamp_skew_s = float(gp("max_stamp_skew_s").value)
+        self._frame_hw: tuple[int, int] | None = None
+        self._gaps: dict[type, _StampGaps] = {}
+        self._gap_key: type | None = None  # the input (raw / compressed) that sent the last frame
+        self._last_reject = ""            # why the last frame got no guidance
+        self._unanswered_since: float | None = None   # monotonic s: images came, no guidance since
+        self._rejects_at_stall = 0
+        self._last_rx_t = -math.inf
+        self._last_counts: dict[str, int] = dict.fromkeys(_Stats.KEYS, 0)
 
         # publishers
         self._pub_guidance = self.create_publisher(TwistStamped, "guidance", 10)
@@ -324,6 +382,17 @@ class GuidanceNode(Node):
         d("plane_size_m", [0.04, 0.10], _descr("target plane outline [width, depth] in metres"))
         d("diagnostics_period_s", 1.0, _descr("period [s] of /diagnostics", True,
                                               floating_point_range=_float_range(0.05, 60.0)))
+        d("max_image_pixels", images.DEFAULT_MAX_PIXELS,
+          _descr("largest accepted image, width x height [pixels], checked from the PNG/JPEG header before "
+                 "decoding (decompression bombs) and on raw images; larger ones are rejected and counted "
+                 "(oversized_images); also at most 8192 px per side; changeable at run time",
+                 integer_range=_int_range(1, images.MAX_SIDE_PX * images.MAX_SIDE_PX)))
+        d("max_stamp_skew_s", 5.0,
+          _descr("image stamps further than this [s] from the node's clock (future or past), and stamps of 0 "
+                 "or below, are counted as bad_stamps with a warning; such frames are still answered "
+                 "(guidance keeps their stamp) but left out of the latency statistics; 0 = only check for "
+                 "zero/negative stamps; changeable at run time",
+                 floating_point_range=_float_range(0.0, 86400.0)))
 
     def _load_runtime(self) -> GuidanceRuntime:
         raw = str(self.get_parameter("model_path").value).strip()
@@ -385,8 +454,12 @@ class GuidanceNode(Node):
             elif p.name == "crop_roi":
                 try:
                     updates["roi"] = normalize_roi(list(p.value))
-                except (ValueError, TypeError) as exc:
-                    return SetParametersResult(successful=False, reason=str(exc))
+                    hw = self._frame_hw
+                    if updates["roi"] is not None and hw is not None:   # size of the last frame
+                        crop(np.broadcast_to(np.uint8(0), hw), updates["roi"])
+                except (ValueError, TypeError) as exc:   # FrameError is a ValueError
+                    return SetParametersResult(successful=False, reason=f"{exc} (the last frame received)"
+                                               if isinstance(exc, FrameError) else str(exc))
             elif p.name == "plane_size_m":
                 vals = list(p.value or [])
                 if len(vals) != 2 or not all(math.isfinite(v) and v > 0 for v in vals):
@@ -397,6 +470,10 @@ class GuidanceNode(Node):
                 updates["pose_age"] = float(p.value)
             elif p.name == "marker_lifetime_s":
                 updates["lifetime"] = float(p.value)
+            elif p.name == "max_image_pixels":
+                updates["max_pixels"] = int(p.value)
+            elif p.name == "max_stamp_skew_s":
+                updates["skew"] = float(p.value)
         if "plane" in updates:
             if updates["plane"] != self._plane:
                 self.get_logger().info(f"target plane: {updates['plane']}")
@@ -411,14 +488,43 @@ class GuidanceNode(Node):
             self._max_pose_age_s = updates["pose_age"]
         if "lifetime" in updates:
             self._marker_lifetime_s = updates["lifetime"]
+        if "max_pixels" in updates:
+            self._max_pixels = updates["max_pixels"]
+        if "skew" in updates:
+            self._max_stamp_skew_s = updates["skew"]
         return SetParametersResult(successful=True)
 
     # -- callbacks (executor threads) ---------------------------------------------------------
 
     def _on_image(self, msg: Image | CompressedImage) -> None:
         self._stats.add("frames_received")
+        self._check_stamp(msg)
         if self._worker.submit((msg, time.monotonic())):
             self._stats.add("frames_dropped")
+
+    def _check_stamp(self, msg: Image | CompressedImage) -> None:
+        """Count bad stamps (warn, still answered) and frames lost in transport (stamp gaps)."""
+        stamp_ns = conv.stamp_to_ns(msg.header.stamp)
+        now_ns = self.get_clock().now().nanoseconds
+        skew_ns = int(self._max_stamp_skew_s * 1e9)
+        why = ""
+        if stamp_ns <= 0:
+            why = "stamp is 0 (driver not setting header.stamp?)" if stamp_ns == 0 else "stamp is negative"
+        elif skew_ns > 0 and now_ns > 0 and abs(stamp_ns - now_ns) > skew_ns:
+            ahead = stamp_ns > now_ns
+            why = (f"stamp is {abs(stamp_ns - now_ns) / 1e9:.3f} s {'ahead of' if ahead else 'behind'} the node's "
+                   f"clock (max_stamp_skew_s {self._max_stamp_skew_s:g}; unsynchronised clocks, or a bag "
+                   f"played without --clock / use_sim_time?)")
+        if why:
+            self._stats.add("bad_stamps")
+            self.get_logger().warning(f"image {why}: answered anyway, guidance carries this stamp",
+                                      throttle_duration_sec=THROTTLE_S)
+            return
+        self._gap_key = type(msg)
+        gaps = self._gaps.setdefault(self._gap_key, _StampGaps())
+        lost = gaps.add(stamp_ns)
+        if lost:
+            self._stats.add("frames_lost_transport", lost)
 
     def _on_pose(self, msg: PoseStamped) -> None:
         frame = msg.header.frame_id
@@ -494,21 +600,20 @@ class GuidanceNode(Node):
     def _process(self, item: tuple[Image | CompressedImage, float]) -> None:
         msg, t_rx = item
         log = self.get_logger()
-        try:
-            gray = conv.any_image_msg_to_gray(msg)
-        except conv.MessageError as exc:
-            self._stats.add("bad_images")
-            log.warning(f"bad image ignored: {exc}", throttle_duration_sec=THROTTLE_S)
+        gray = self._input_gray(msg)
+        if gray is None:
             return
         plane, refine = self._plane, self._use_dreamer
         try:
             pred = self.runtime.predict(gray, plane, refine)
         except FrameError as exc:
             self._stats.add("bad_images")
+            self._last_reject = f"bad image: {exc}"
             log.warning(f"bad image ignored: {exc}", throttle_duration_sec=THROTTLE_S)
             return
         except InferenceError as exc:
             self._stats.add("model_errors")
+            self._last_reject = f"inference failed: {exc}"
             log.error(f"inference failed, no guidance for this frame: {exc}", throttle_duration_sec=THROTTLE_S)
             return
         if not self.context.ok():
@@ -540,10 +645,41 @@ class GuidanceNode(Node):
         self._pub_markers.publish(build_markers(pred.action, stamp, self._probe_frame, self._marker_lifetime_s,
                                                 pred.plane, pred.refined, self._plane_size_m))
 
+    def _input_gray(self, msg: Image | CompressedImage) -> np.ndarray | None:
+        """The message as (H, W) uint8 grey, or None (counted, logged) when it must be rejected."""
+        log = self.get_logger()
+        try:
+            gray = conv.any_image_msg_to_gray(msg, self._max_pixels)
+        except conv.ImageTooLargeMessageError as exc:
+            self._stats.add("bad_images")
+            self._stats.add("oversized_images")
+            self._last_reject = f"image rejected: {exc}"
+            log.error(f"image rejected before decoding: {exc}", throttle_duration_sec=THROTTLE_S)
+            return None
+        except conv.MessageError as exc:
+            self._stats.add("bad_images")
+            self._last_reject = f"bad image: {exc}"
+            log.warning(f"bad image ignored: {exc}", throttle_duration_sec=THROTTLE_S)
+            return None
+        self._frame_hw = (int(gray.shape[0]), int(gray.shape[1]))
+        roi = self.runtime.crop_roi
+        if roi is not None:
+            try:
+                crop(gray, roi)
+            except FrameError as exc:
+                self._stats.add("bad_images")
+                self._last_reject = str(exc)
+                log.error(f"frame rejected: {exc}; set crop_roi to fit the frames "
+                          f"(ros2 param set {self.get_fully_qualified_name()} crop_roi ...)",
+                          throttle_duration_sec=THROTTLE_S)
+                return None
+        return gray
+
     def _on_worker_error(self, item: Any, exc: BaseException) -> None:
         if not self.context.ok():  # shutting down (SIGINT/SIGTERM): publishers are gone, not an error
             return
         self._stats.add("internal_errors")
+        self._last_reject = f"internal error: {type(exc).__name__}: {exc}"
         self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}", throttle_duration_sec=THROTTLE_S)
 
     # -- diagnostics --------------------------------------------------------------------------
@@ -558,6 +694,9 @@ class GuidanceNode(Node):
             self._stats.latency_ms.clear()
             self._stats.process_ms.clear()
             self._stats.inference_ms.clear()
+        skew_ms = self._max_stamp_skew_s * 1e3
+        if skew_ms > 0 and lat.size:   # frames with bad stamps have no meaningful latency
+            lat = lat[np.abs(lat) <= skew_ms]
         for key, arr in (("latency_ms", lat), ("processing_ms", proc), ("inference_ms", inf)):
             if arr.size:
                 out[f"{key}_p50"], out[f"{key}_p95"] = (float(v) for v in np.percentile(arr, [50, 95]))
@@ -574,14 +713,48 @@ class GuidanceNode(Node):
         snap["inference_rate_hz"] = (pub - pub_last) / dt
         status = DiagnosticStatus(name=f"{self.get_name()}: guidance", hardware_id=self.runtime.path.name)
         errors = snap["model_errors"] + snap["internal_errors"]
-        if snap["input_rate_hz"] == 0:
-            status.level, status.message = DiagnosticStatus.WARN, "no images received"
-        elif errors and snap["inference_rate_hz"] == 0:
+        new = {k: int(snap[k]) - self._last_counts.get(k, 0) for k in _Stats.KEYS}
+        self._last_counts = {k: int(snap[k]) for k in _Stats.KEYS}
+        # images arriving without any answer: for how long, and were they rejected?
+        reject_keys = ("bad_images", "model_errors", "internal_errors")
+        rejects = sum(int(snap[k]) for k in reject_keys)
+        if new["frames_received"] > 0:
+            self._last_rx_t = now
+        if new["guidance_published"] > 0:
+            self._unanswered_since = None
+        elif new["frames_received"] > 0 and self._unanswered_since is None:
+            # counted from now (no false alarm); rejections counted from the start of this period
+            self._unanswered_since = now
+            self._rejects_at_stall = rejects - sum(new[k] for k in reject_keys)
+        waited = 0.0 if self._unanswered_since is None else now - self._unanswered_since
+        snap["no_guidance_s"] = waited
+        stalled = waited >= NO_GUIDANCE_S and now - self._last_rx_t < NO_GUIDANCE_S
+        rejected = rejects > self._rejects_at_stall
+        others = self._other_guidance_publishers()
+        snap["guidance_publishers"] = len(others) + 1
+        if stalled and rejected:
+            status.level = DiagnosticStatus.ERROR
+            status.message = f"no guidance for {waited:.1f} s: frames rejected (last: {self._last_reject})"
+        elif stalled:
+            status.level = DiagnosticStatus.WARN
+            status.message = f"no guidance for {waited:.1f} s although images arrive (inference slow or stuck?)"
+        elif errors and snap["inference_rate_hz"] == 0 and snap["input_rate_hz"] > 0:
             status.level, status.message = DiagnosticStatus.ERROR, "inference failing"
+        elif others:
+            status.level = DiagnosticStatus.WARN
+            status.message = f"another node publishes {self._pub_guidance.topic_name}: {', '.join(others)}"
+        elif snap["input_rate_hz"] == 0:
+            status.level, status.message = DiagnosticStatus.WARN, "no images received"
+        elif new["bad_stamps"]:
+            status.level = DiagnosticStatus.WARN
+            status.message = f"{new['bad_stamps']} image(s) with bad stamps (0, or beyond max_stamp_skew_s)"
         else:
             status.level = DiagnosticStatus.OK
             status.message = (f"{snap['inference_rate_hz']:.1f} Hz, latency p95 "
                               f"{snap.get('latency_ms_p95', float('nan')):.1f} ms")
+        gaps = self._gaps.get(self._gap_key) if self._gap_key is not None else None
+        if gaps is not None and gaps.period_ns:
+            snap["stream_period_ms"] = gaps.period_ns / 1e6
         extra = {"target_plane": self._plane, "use_dreamer": str(self._use_dreamer),
                  "device": self.runtime.device, "model": str(self.runtime.path)}
         status.values = ([KeyValue(key=k, value=f"{v:.3f}" if isinstance(v, float) else str(v))
@@ -590,6 +763,19 @@ class GuidanceNode(Node):
         arr = DiagnosticArray(status=[status])
         arr.header.stamp = self.get_clock().now().to_msg()
         self._pub_diag.publish(arr)
+
+    def _other_guidance_publishers(self) -> list[str]:
+        """Other nodes publishing on our ``guidance`` topic (two guidance nodes interleave answers)."""
+        topic = self._pub_guidance.topic_name
+        if self.count_publishers(topic) <= 1:
+            return []
+        me = (self.get_name(), self.get_namespace())
+        others = [f"{i.node_namespace.rstrip('/')}/{i.node_name}" for i in self.get_publishers_info_by_topic(topic)
+                  if (i.node_name, i.node_namespace) != me]
+        if others:
+            self.get_logger().warning(f"{topic} has other publishers: {', '.join(others)}; their answers "
+                                      "interleave with this node's", throttle_duration_sec=10.0)
+        return others
 
     # -- shutdown -------------------------------------------------------------------------------
 

@@ -99,7 +99,7 @@ _PARAMS: dict[str, tuple[str, tuple[float, float] | None]] = {
                               "guidance messages beyond this pauses motion; 0 = off.", (0.0, math.pi)),
     "gate_settle_frames": ("Consecutive consistent guidance messages that reopen the gate.", (1, 100)),
 }
-_READ_ONLY = {"control_rate_hz", "status_period_s", "probe_frame"}
+_READ_ONLY = {"control_rate_hz", "status_period_s", "probe_frame", "base_frame"}
 
 
 def _vec(v: Any) -> np.ndarray:
@@ -130,6 +130,10 @@ class ServoNode(Node):
             self.declare_parameter(f.name, value, d)
         self.declare_parameter("probe_frame", "us_probe", ParameterDescriptor(
             description="Frame of the guidance and of the commands (the probe frame).", read_only=True))
+        self.declare_parameter("base_frame", "panda_link0", ParameterDescriptor(
+            description="Frame of probe_pose (robot base / tracker); poses in any other frame, or with "
+                        "no frame_id, are rejected (counted in poses_rejected; the pose watchdog applies).",
+            read_only=True))
         self.declare_parameter("status_period_s", 1.0, ParameterDescriptor(
             description="Period [s] of the status and /diagnostics messages (also sent on each change).",
             read_only=True, floating_point_range=[FloatingPointRange(from_value=0.05, to_value=60.0)]))
@@ -137,6 +141,7 @@ class ServoNode(Node):
         config = ServoConfig(**{f.name: self.get_parameter(f.name).value for f in fields(ServoConfig)})
         self._ctl = ServoController(config)  # raises ValueError with the bad field's name
         self._probe_frame = str(self.get_parameter("probe_frame").value)
+        self._base_frame = str(self.get_parameter("base_frame").value)
         self._lock = threading.Lock()
         self._last_status_key: tuple[str, bool] | None = None
         self._sent_nonzero = False
@@ -202,6 +207,15 @@ class ServoNode(Node):
 
     def _on_pose(self, msg: PoseStamped) -> None:
         now = self._now_s()
+        frame = msg.header.frame_id
+        if frame.lstrip("/") != self._base_frame.lstrip("/"):
+            # a pose in another frame would anchor and check the workspace in the wrong frame:
+            # rejected like a missing pose (the pose watchdog stops the servo)
+            with self._lock:
+                self._ctl.counters.poses_rejected += 1
+            self.get_logger().warning(f"probe_pose in frame {frame!r}, expected {self._base_frame!r}: rejected",
+                                      throttle_duration_sec=2.0)
+            return
         try:
             stamp_ns, T_mm = pose_stamped_to_matrix(msg)
         except MessageError as exc:
