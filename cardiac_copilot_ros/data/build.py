@@ -680,7 +680,6 @@ def _build_into(tmp: Path, bags: list[Path], opts: BuildOptions, forced: dict[st
     results, failed = _read_all(bags, opts, tmp / "chunks", progress, log)
     total = sum(r["frames_kept"] for r in results)
     skips = {k: sum(r["skips"][k] for r in results) for k in SKIP_REASONS}
-    _log_timing(results, opts, log)
     if total == 0:
         read = sum(r["frames_read"] for r in results)
         detail = ", ".join(f"{k} {v}" for k, v in skips.items() if v) or "no bag could be read"
@@ -690,6 +689,7 @@ def _build_into(tmp: Path, bags: list[Path], opts: BuildOptions, forced: dict[st
         raise DatasetError(f"no usable frames: {read} images read from {len(results)} of {len(bags)} "
                            f"bag(s), none has both a probe pose and a target annotation ({detail}){hint}; "
                            "refusing to write an empty dataset")
+    _log_timing(results, opts, log)
     with_frames = [r for r in results if r["frames_kept"] > 0]
     subjects = sorted({r["subject_id"] for r in with_frames})
     subject_index = {s: i for i, s in enumerate(subjects)}
