@@ -380,3 +380,12 @@ def test_calibration_error_from_bag_is_a_dataset_error(tmp_path):
     with pytest.raises(DatasetError, match="no transform to the image frame 'us_image'"):
         build_cache([tmp_path / "bag"], tmp_path / "cache", BuildOptions(size=16, tool_frame="tool0"),
                     progress=False)
+
+
+def test_annotation_in_a_pose_gap_names_the_gap(tmp_path, capsys):
+    write_synthetic_bag(tmp_path / "bag", SyntheticScan(annotations=((1.0, "PLAX"),), pose_gaps_s=((0.5, 1.5),),
+                                                        seed=25))
+    rc, err = run_cli(["dataset", "build", tmp_path / "bag", "--out", tmp_path / "cache", "--quiet"], capsys)
+    assert rc == 1 and len(err.strip().splitlines()) == 1, err
+    assert "annotation 'PLAX' at t=1.000 s (from the scan start) falls in a 1000.0 ms gap of the pose stream" in err
+    assert "raise --max-pose-gap-ms above 1000.0" in err

@@ -653,7 +653,14 @@ def _log_timing(results: list[dict[str, Any]], opts: BuildOptions, log: Callable
     if snapped:
         log(f"{snapped} annotation(s) outside the pose stream took the nearest pose (within "
             f"--annotation-tolerance-s {opts.annotation_tolerance_s:g} s)")
-    if not opts.probe_calibration:
+    if opts.probe_calibration:
+        other = [r for r in results if r["calibration"] and r["image_frame"]
+                 and r["image_frame"].lstrip("/") != r["calibration"]["child_frame"]]
+        if other:
+            log(f"warning: the calibration's child_frame {other[0]['calibration']['child_frame']!r} is not the "
+                f"images' frame_id {other[0]['image_frame']!r} in {len(other)} bag(s) (e.g. {other[0]['path']}): "
+                "is it the calibration of this probe?")
+    else:
         tf = [r for r in results if r["calibration"]]
         if tf:
             c = tf[0]["calibration"]
