@@ -330,7 +330,7 @@ def _read_bag(bag: Path, opts: BuildOptions, chunk_path: Path) -> dict[str, Any]
                 msg = reader.deserialize(raw, conn.msgtype)
             except Exception:  # one damaged message: count it, keep the rest of the bag
                 msg = None
-            if conn.topic == TF_STATIC_TOPIC and conn.topic not in (img_topic, pose_topic, ann_topic):
+            if conn.msgtype == TF_MESSAGE_TYPE:  # /tf_static: probe calibration
                 if msg is not None:
                     tf_msgs.append(msg)
                 continue
