@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("cardiac_copilot_ros.sim.cli", "write simulated expert-demonstration bags"),
     "dataset": ("cardiac_copilot_ros.data.cli", "build a training cache from bags"),
+    "import": ("cardiac_copilot_ros.data.importer", "turn folders of frames + poses into bags"),
     "train": ("cardiac_copilot_ros.training.cli", "train the baseline policy or Cardiac Dreamer"),
     "evaluate": ("cardiac_copilot_ros.evaluation", "evaluate runs or bundles (paper Table 1, Fig. 3)"),
     "export": ("cardiac_copilot_ros.model.export", "export a run as a TorchScript / torch.export bundle"),

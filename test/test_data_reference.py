@@ -77,7 +77,7 @@ def check_round_trip(cache: Path, manifest: dict, tol: float = 1e-3) -> int:
         if not len(rows):
             continue
         T, ref = reference_actions(Path(entry["path"]), stamps[rows], ann_ns[demo[rows]],
-                                   manifest["options"]["max_pose_gap_ms"])
+                                   entry.get("max_pose_gap_ms_used", manifest["options"]["max_pose_gap_ms"]))
         got = np.asarray(actions[rows], np.float64)
         err = np.abs(got - ref)
         err[:, 3:] = np.minimum(err[:, 3:], 360.0 - err[:, 3:])  # Euler wrap

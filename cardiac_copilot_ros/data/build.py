@@ -5,7 +5,11 @@ For every bag (one scan of one subject): images are paired with the probe pose a
 frame is dropped and counted when those poses are more than ``max_pose_gap_ms`` apart or the
 frame lies outside the pose stream); annotations (plane names, bag log time) split the scan
 into demonstrations; every frame gets the ground-truth action ``U^-1(T_t^-1 T_T)`` (mm, deg)
-to its demonstration's target pose ``T_T`` = the probe pose at the annotation time.
+to its demonstration's target pose ``T_T`` = the probe pose at the annotation time (the
+nearest pose when the annotation falls up to ``annotation_tolerance_s`` before the first or
+after the last pose). The largest pose gap is never less than 1.5 x the pose stream's median
+period. Tool poses become image-frame poses through the probe calibration (``calibration.py``:
+``--probe-calibration`` file, else the bag's ``/tf_static``, else none) before interpolation.
 
 Demonstration boundaries: demonstration ``j`` holds the frames with stamps in
 ``(end_{j-1}, end_j]`` where ``end_j = min(t_j + hold, (t_j + t_{j+1}) / 2)``: the frames up to
@@ -37,6 +41,15 @@ from .. import bagio, code_version
 from ..images import ImageFormatError, compressed_msg_to_gray, image_msg_to_array, resize_gray, to_gray_u8
 from ..planes import PLANE_NAMES, UnknownPlaneError, parse_plane
 from ..pose import ACTION_AXES, ACTION_UNITS, interpolate_poses, pose_to_matrix, relative_action
+from .calibration import (
+    TF_MESSAGE_TYPE,
+    TF_STATIC_TOPIC,
+    CalibrationError,
+    ProbeCalibration,
+    calibration_from_tf,
+    load_calibration,
+    static_transforms,
+)
 
 #: Cache format identifiers (bump FORMAT_VERSION on incompatible layout changes).
 FORMAT = "cardiac_copilot_cache"
@@ -77,6 +90,13 @@ class BuildOptions:
     split_file: str | None = None
     workers: int = 1
     skip_bad_bags: bool = False
+    #: an annotation before the first / after the last pose takes the nearest pose within this
+    annotation_tolerance_s: float = 0.5
+    #: YAML file with the tool <- image calibration (else the bag's /tf_static, else none)
+    probe_calibration: str | None = None
+    #: frame whose pose the pose topic carries (for /tf_static chains; default: the parent of
+    #: the image frame's static transform)
+    tool_frame: str | None = None
 
     def validate(self) -> None:
         if not 8 <= self.size <= 2048:
@@ -86,6 +106,8 @@ class BuildOptions:
                 raise DatasetError(f"--crop must be x,y,w,h with w, h > 0 and x, y >= 0, got {self.crop}")
         if self.max_pose_gap_ms <= 0:
             raise DatasetError(f"--max-pose-gap-ms must be > 0, got {self.max_pose_gap_ms}")
+        if not 0 <= self.annotation_tolerance_s <= 3600:
+            raise DatasetError(f"--annotation-tolerance-s must be in 0..3600 s, got {self.annotation_tolerance_s}")
         if self.hold_ms < 0:
             raise DatasetError(f"--hold-ms must be >= 0, got {self.hold_ms}")
         for name in ("val_fraction", "test_fraction"):
@@ -221,6 +243,47 @@ def _subject_of(reader: Any, bag: Path) -> tuple[str, str]:
     return name, "bag name"
 
 
+def effective_max_gap_ns(pose_ns: np.ndarray, max_pose_gap_ms: float) -> tuple[int, int | None]:
+    """(largest gap between two poses a frame or an annotation is interpolated from, median pose
+    period) in ns: ``max(--max-pose-gap-ms, 1.5 x the median period)``, so a pose stream that
+    comes once per frame (or at any steady rate) is never a gap at its own rate."""
+    configured = int(round(max_pose_gap_ms * 1e6))
+    d = np.diff(np.asarray(pose_ns, dtype=np.int64))
+    d = d[d > 0]
+    if not len(d):
+        return configured, None
+    period = int(np.median(d))
+    return max(configured, int(round(1.5 * period))), period
+
+
+def _annotation_problem(label: str, t_ns: int, ps: np.ndarray, t0_ns: int, gap_ns: int,
+                        opts: BuildOptions) -> str:
+    """Why an annotation has no target pose, and the option that fixes it (one line)."""
+    at = f"annotation {label!r} at t={(t_ns - t0_ns) / 1e9:.3f} s (from the scan start)"
+    tol = f"--annotation-tolerance-s is {opts.annotation_tolerance_s:g} s"
+    if t_ns > ps[-1]:
+        d = (t_ns - int(ps[-1])) / 1e9
+        return (f"{at} falls {d:.3f} s after the last pose (t={(int(ps[-1]) - t0_ns) / 1e9:.3f} s) and {tol}: "
+                f"raise it above {d:.3f} to take the last pose as the target, or check the clocks")
+    if t_ns < ps[0]:
+        d = (int(ps[0]) - t_ns) / 1e9
+        return (f"{at} falls {d:.3f} s before the first pose (t={(int(ps[0]) - t0_ns) / 1e9:.3f} s) and {tol}: "
+                f"raise it above {d:.3f} to take the first pose as the target, or check the clocks")
+    hi = int(np.searchsorted(ps, t_ns))
+    g = (int(ps[hi]) - int(ps[hi - 1])) / 1e6
+    return (f"{at} falls in a {g:.1f} ms gap of the pose stream (largest gap used {gap_ns / 1e6:.1f} ms): "
+            f"raise --max-pose-gap-ms above {g:.1f} to interpolate across it")
+
+
+def _calibration(opts: BuildOptions, tf_msgs: list[Any], image_frame: str, bag: Path) -> ProbeCalibration | None:
+    try:
+        if opts.probe_calibration:
+            return load_calibration(opts.probe_calibration)
+        return calibration_from_tf(static_transforms(tf_msgs), image_frame, opts.tool_frame)
+    except CalibrationError as exc:
+        raise DatasetError(f"{bag}: {exc}") from None
+
+
 def read_bag(bag: Path, opts: BuildOptions, chunk_path: Path) -> dict[str, Any]:
     """Read one bag; write its kept images to ``chunk_path`` (.npy) and return everything else.
 
@@ -251,7 +314,10 @@ def _read_bag(bag: Path, opts: BuildOptions, chunk_path: Path) -> dict[str, Any]
         pose_topic, _ = resolve_topic(conns, opts.pose_topic, (bagio.POSE_TYPE,), "pose", bag)
         ann_topic, _ = resolve_topic(conns, opts.annotation_topic, (bagio.STRING_TYPE,), "annotation", bag)
         subject, subject_source = _subject_of(reader, bag)
-        wanted = [c for c in conns if c.topic in (img_topic, pose_topic, ann_topic)]
+        wanted = [c for c in conns if c.topic in (img_topic, pose_topic, ann_topic)
+                  or (c.topic == TF_STATIC_TOPIC and c.msgtype == TF_MESSAGE_TYPE)]
+        tf_msgs: list[Any] = []
+        image_frame: str | None = None
         img_stamps: list[int] = []
         images: list[np.ndarray] = []
         pose_stamps: list[int] = []
@@ -264,6 +330,10 @@ def _read_bag(bag: Path, opts: BuildOptions, chunk_path: Path) -> dict[str, Any]
                 msg = reader.deserialize(raw, conn.msgtype)
             except Exception:  # one damaged message: count it, keep the rest of the bag
                 msg = None
+            if conn.msgtype == TF_MESSAGE_TYPE:  # /tf_static: probe calibration
+                if msg is not None:
+                    tf_msgs.append(msg)
+                continue
             if conn.topic == img_topic:
                 n_images += 1
                 try:
@@ -275,6 +345,8 @@ def _read_bag(bag: Path, opts: BuildOptions, chunk_path: Path) -> dict[str, Any]
                     continue
                 img_stamps.append(bagio.stamp_to_ns(msg.header.stamp))
                 images.append(img)
+                if image_frame is None:
+                    image_frame = str(msg.header.frame_id)
             elif msg is None:
                 bad_msgs["pose" if conn.topic == pose_topic else "annotation"] += 1
             elif conn.topic == pose_topic:
@@ -304,7 +376,10 @@ def _read_bag(bag: Path, opts: BuildOptions, chunk_path: Path) -> dict[str, Any]
     ps, pv = ps[good][order], pv[good][order]
     if len(ps) == 0:
         raise DatasetError(f"{bag}: no valid pose on {pose_topic} (all quaternions zero or not finite)")
-    gap_ns = int(round(opts.max_pose_gap_ms * 1e6))
+    calib = _calibration(opts, tf_msgs, image_frame or "", bag)
+    if calib is not None:  # tool poses -> image-frame poses, before interpolation
+        pv = np.concatenate(calib.apply(pv[:, :3], pv[:, 3:]), axis=1)
+    gap_ns, period_ns = effective_max_gap_ns(ps, opts.max_pose_gap_ms)
 
     # annotations -> demonstrations with a target pose
     plane_of: list[int] = []
@@ -322,9 +397,17 @@ def _read_bag(bag: Path, opts: BuildOptions, chunk_path: Path) -> dict[str, Any]
                            f"({', '.join(PLANE_NAMES)}); got {sorted({a[1] for a in anns})[:5]}")
     a_ns = np.asarray(ann_ns, dtype=np.int64)
     tpos, tquat, tvalid = interpolate_poses(a_ns, ps, pv[:, :3], pv[:, 3:], max_gap_ns=gap_ns)
+    # outside the pose stream: the nearest pose (which interpolate_poses holds) within the tolerance
+    tol_ns = int(round(opts.annotation_tolerance_s * 1e9))
+    off_ns = np.maximum(ps[0] - a_ns, a_ns - ps[-1])
+    snapped = ~tvalid & (off_ns > 0) & (off_ns <= tol_ns)
+    tvalid = tvalid | snapped
     targets = pose_to_matrix(tpos, tquat)
+    t0_ns = min(int(ps[0]), min(img_stamps, default=int(ps[0])))
     for j in np.flatnonzero(~tvalid):
-        ignored.append({"time_ns": int(a_ns[j]), "text": labels[j], "reason": "no probe pose at this time"})
+        detail = _annotation_problem(labels[j], int(a_ns[j]), ps, t0_ns, gap_ns, opts)
+        ignored.append({"time_ns": int(a_ns[j]), "text": labels[j], "reason": "no probe pose at this time",
+                        "detail": f"{bag}: {detail}"})
 
     # frames: pose at stamp, demonstration, action
     st = np.asarray(img_stamps, dtype=np.int64)
@@ -365,6 +448,11 @@ def _read_bag(bag: Path, opts: BuildOptions, chunk_path: Path) -> dict[str, Any]
         "messages": topic_counts, "bad_pose_messages": bad_pose_msgs,
         "frames_read": n_images, "frames_kept": int(keep.sum()), "skips": skips,
         "annotations_ignored": ignored, "bad_annotation_messages": bad_msgs["annotation"], "demos": demos,
+        "annotations_nearest_pose": int(snapped.sum()),
+        "pose_period_ms": None if period_ns is None else round(period_ns / 1e6, 3),
+        "max_pose_gap_ms_used": round(gap_ns / 1e6, 3),
+        "largest_pose_gap_ms": round(float(np.diff(ps).max()) / 1e6, 3) if len(ps) > 1 else None,
+        "image_frame": image_frame, "calibration": calib.as_dict() if calib is not None else None,
         "seconds": round(time.perf_counter() - t0, 3),
         # arrays (removed before the manifest)
         "_chunk": str(chunk_path), "_poses": T.astype(np.float32), "_actions": actions.astype(np.float32),
@@ -473,6 +561,13 @@ def build_cache(inputs: Iterable[str | Path], out: str | Path, opts: BuildOption
     out = Path(out)
     _prepare_out(out, force)
     forced = read_split_file(opts.split_file) if opts.split_file else {}
+    if opts.probe_calibration:
+        try:
+            calib = load_calibration(opts.probe_calibration)
+        except CalibrationError as exc:
+            raise DatasetError(str(exc)) from None
+        log(f"probe calibration {calib.parent_frame} <- {calib.child_frame} from {opts.probe_calibration} "
+            "(overrides any /tf_static in the bags)")
     bags = find_bags(inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -542,6 +637,51 @@ def _read_all(bags: list[Path], opts: BuildOptions, chunks: Path, progress: bool
     return [results[i] for i in sorted(results)], failed
 
 
+def _log_timing(results: list[dict[str, Any]], opts: BuildOptions, log: Callable[[str], None]) -> None:
+    """One line each: annotations without a target, pose gaps raised to the pose rate, calibration."""
+    for r in results:
+        for a in r["annotations_ignored"]:
+            if a.get("detail"):
+                log(f"warning: {a['detail']}")
+    raised = [r for r in results if r["max_pose_gap_ms_used"] > opts.max_pose_gap_ms + 1e-9]
+    if raised:
+        r = raised[0]
+        log(f"max pose gap follows the pose rate in {len(raised)} bag(s) (e.g. {Path(r['path']).name}: poses "
+            f"every {r['pose_period_ms']:.1f} ms (median) -> {r['max_pose_gap_ms_used']:.1f} ms instead of "
+            f"--max-pose-gap-ms {opts.max_pose_gap_ms:g})")
+    snapped = sum(r["annotations_nearest_pose"] for r in results)
+    if snapped:
+        log(f"{snapped} annotation(s) outside the pose stream took the nearest pose (within "
+            f"--annotation-tolerance-s {opts.annotation_tolerance_s:g} s)")
+    if opts.probe_calibration:
+        other = [r for r in results if r["calibration"] and r["image_frame"]
+                 and r["image_frame"].lstrip("/") != r["calibration"]["child_frame"]]
+        if other:
+            log(f"warning: the calibration's child_frame {other[0]['calibration']['child_frame']!r} is not the "
+                f"images' frame_id {other[0]['image_frame']!r} in {len(other)} bag(s) (e.g. {other[0]['path']}): "
+                "is it the calibration of this probe?")
+    else:
+        tf = [r for r in results if r["calibration"]]
+        if tf:
+            c = tf[0]["calibration"]
+            log(f"probe calibration from the bags' {TF_STATIC_TOPIC} in {len(tf)} of {len(results)} bag(s) "
+                f"(e.g. {c['parent_frame']} <- {c['child_frame']})")
+
+
+def _timing_hint(results: list[dict[str, Any]], skips: dict[str, int]) -> str:
+    """The cause and the fix when most frames lack a target pose or fall in pose gaps."""
+    worst = max(("no_target_pose", "pose_gap"), key=lambda k: skips[k])
+    if not skips[worst]:
+        return ""
+    if worst == "no_target_pose":
+        details = [a["detail"] for r in results for a in r["annotations_ignored"] if a.get("detail")]
+        return f"; {details[0]}" if details else ""
+    r = max(results, key=lambda r: r["skips"]["pose_gap"])
+    return (f"; {r['path']}: poses come every {r['pose_period_ms']} ms (median) with gaps up to "
+            f"{r['largest_pose_gap_ms']} ms, more than the {r['max_pose_gap_ms_used']} ms allowed: raise "
+            "--max-pose-gap-ms, or check that the pose stream has no dropouts")
+
+
 def _build_into(tmp: Path, bags: list[Path], opts: BuildOptions, forced: dict[str, str], progress: bool,
                 log: Callable[[str], None]) -> dict[str, Any]:
     results, failed = _read_all(bags, opts, tmp / "chunks", progress, log)
@@ -552,10 +692,11 @@ def _build_into(tmp: Path, bags: list[Path], opts: BuildOptions, forced: dict[st
         detail = ", ".join(f"{k} {v}" for k, v in skips.items() if v) or "no bag could be read"
         outside = skips["before_first_pose"] + skips["after_last_pose"]
         hint = ("; image and pose header stamps do not overlap: are they stamped on the same clock?"
-                if read and outside >= 0.9 * read else "")
+                if read and outside >= 0.9 * read else _timing_hint(results, skips))
         raise DatasetError(f"no usable frames: {read} images read from {len(results)} of {len(bags)} "
                            f"bag(s), none has both a probe pose and a target annotation ({detail}){hint}; "
                            "refusing to write an empty dataset")
+    _log_timing(results, opts, log)
     with_frames = [r for r in results if r["frames_kept"] > 0]
     subjects = sorted({r["subject_id"] for r in with_frames})
     subject_index = {s: i for i, s in enumerate(subjects)}

@@ -52,7 +52,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--crop", type=_crop, default=None, metavar="X,Y,W,H",
                    help="region of interest in source pixels, applied before resizing")
     b.add_argument("--max-pose-gap-ms", type=float, default=20.0, metavar="MS",
-                   help="drop frames whose two surrounding poses are further apart (default 20 ms)")
+                   help="drop frames whose two surrounding poses are further apart (default 20 ms; never "
+                        "less than 1.5 x the pose stream's median period, so poses once per frame work)")
+    b.add_argument("--annotation-tolerance-s", type=float, default=0.5, metavar="S",
+                   help="an annotation up to S seconds before the first or after the last pose takes that "
+                        "pose as its target (default 0.5 s)")
+    b.add_argument("--probe-calibration", default=None, metavar="YAML",
+                   help="tool <- image frame calibration (parent_frame, child_frame, translation_m, "
+                        "quaternion_xyzw; docs/DATA.md); default: the bag's /tf_static, else none")
+    b.add_argument("--tool-frame", default=None, metavar="FRAME",
+                   help="frame whose pose the pose topic carries, for the /tf_static chain to the image "
+                        "frame (default: the parent of the image frame's static transform)")
     b.add_argument("--hold-ms", type=float, default=1000.0, metavar="MS",
                    help="frames up to this long after an annotation still belong to its demonstration "
                         "(never past half way to the next annotation; default 1000 ms)")
@@ -136,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
                             max_pose_gap_ms=args.max_pose_gap_ms, hold_ms=args.hold_ms,
                             val_fraction=args.val_fraction, test_fraction=args.test_fraction, seed=args.seed,
                             split_file=args.split_file, workers=args.workers,
-                            skip_bad_bags=args.skip_bad_bags)
+                            skip_bad_bags=args.skip_bad_bags,
+                            annotation_tolerance_s=args.annotation_tolerance_s,
+                            probe_calibration=args.probe_calibration, tool_frame=args.tool_frame)
         t0 = time.perf_counter()
         progress = not args.quiet
         manifest = build_cache(args.bags, args.out, opts, force=args.force, progress=progress,
