@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -163,3 +164,23 @@ def test_servo_stops_on_sigint_inherited_as_ignored(tmp_path: Path, bundle: Path
     finally:
         proc.stop(signal.SIGKILL)
     _check_clean(rc, log, "SIGINT")
+
+
+WRONG_TYPE = {"guidance": ("qos_depth", "1.5"), "recorder": ("min_free_disk_mb", "2"),
+              "servo": ("max_linear_speed_mps", "1"), "sim": ("image_size", "1.5")}
+
+
+@pytest.mark.parametrize("kind", list(NODES))
+def test_wrongly_typed_startup_parameter_is_one_error_line(kind: str, tmp_path: Path) -> None:
+    """`-p qos_depth:=1.5` (an integer parameter) or `-p min_free_disk_mb:=2` (a double one)."""
+    name, value = WRONG_TYPE[kind]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    res = subprocess.run([sys.executable, "-m", NODES[kind], "--ros-args", "-p", f"{name}:={value}",
+                          "-p", f"output_dir:={tmp_path}"] if kind == "recorder" else
+                         [sys.executable, "-m", NODES[kind], "--ros-args", "-p", f"{name}:={value}"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    out = res.stdout + res.stderr
+    assert res.returncode == 2 and "Traceback" not in out, out
+    [line] = [ln for ln in res.stderr.splitlines() if name in ln]
+    assert line.startswith(f"{NODES[kind].rsplit('.', 1)[1]}: invalid parameter") and value in line, out

@@ -25,6 +25,7 @@ anything heavy is imported when a process is started as one of the nodes.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -126,8 +127,9 @@ def startup_error_message(name: str, exc: BaseException) -> str:
     from rclpy.exceptions import InvalidParameterTypeException, ParameterException
 
     text = " ".join(str(exc).split())
-    if isinstance(exc, InvalidParameterTypeException) and "expecting type 'DOUBLE'" in text:
-        text += " (write a DOUBLE with a decimal point, e.g. 2.0)"
+    given = re.search(r"to '(-?\d+)' of type 'INTEGER', expecting type 'DOUBLE'", text)
+    if isinstance(exc, InvalidParameterTypeException) and given:
+        text += f" (a DOUBLE needs a decimal point: {given.group(1)}.0)"
     kind = "invalid parameter" if isinstance(exc, ParameterException) else "cannot start"
     return f"{name}: {kind}: {text}"
 
