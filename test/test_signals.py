@@ -36,9 +36,9 @@ BAD = ("Traceback", "terminate called", "KeyboardInterrupt", "Aborted", "Externa
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cardiac_copilot_ros.model.bundle import make_untrained_bundle
 
-    path = tmp_path_factory.getbasetemp() / "signals_r18_32.pt"
+    path = tmp_path_factory.getbasetemp() / "guidance_r18_64.pt"  # the one test_guidance_node.py makes
     if not path.exists():
-        make_untrained_bundle(path, backbone="resnet18", input_size=(32, 32))
+        make_untrained_bundle(path, backbone="resnet18", input_size=(64, 64))
     return path
 
 

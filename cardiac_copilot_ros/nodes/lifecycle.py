@@ -81,7 +81,8 @@ def install_signal_handlers() -> bool:
 def _finish_signal_handling(installed_here: bool) -> None:
     """After the node is gone: a node process ignores further signals (the interpreter's
     finalisation would reset our handlers to the default, so a late second SIGINT killed the
-    exiting process with status -2); a caller in a process of its own gets its handlers back."""
+    exiting process with status -2). A caller that is not a node process (spin_node called from
+    other code) gets its own handlers back."""
     if not _state.installed:
         return
     if installed_here and not started_as_node():
