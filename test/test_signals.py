@@ -79,6 +79,36 @@ def _wait_spinning(probe, fqn: str, proc: NodeProcess, log: Path, timeout_s: flo
         probe.destroy_client(cli)
 
 
+def _keep_guidance_busy(probe, ns: str, proc: NodeProcess, log: Path) -> None:
+    """Publish frames until guidance answers, then keep a thread publishing while the test signals."""
+    import threading
+
+    import numpy as np
+    from geometry_msgs.msg import TwistStamped
+    from sensor_msgs.msg import Image
+
+    from cardiac_copilot_ros.nodes.conversions import gray_to_image_msg
+
+    got: list[TwistStamped] = []
+    sub = probe.create_subscription(TwistStamped, f"{ns}/guidance", got.append, 10)
+    pub = probe.create_publisher(Image, f"{ns}/image", 10)
+    frame = np.random.default_rng(0).integers(0, 256, size=(96, 96), dtype=np.uint8)
+    deadline = time.monotonic() + 60.0
+    while not got and proc.alive() and time.monotonic() < deadline:
+        pub.publish(gray_to_image_msg(frame, time.time_ns(), "us_image"))
+        spin_until(probe, lambda: bool(got), 0.1)
+    probe.destroy_subscription(sub)
+    assert got, log.read_text()
+
+    def feed() -> None:
+        while proc.alive():
+            pub.publish(gray_to_image_msg(frame, time.time_ns(), "us_image"))
+            time.sleep(0.005)
+        probe.destroy_publisher(pub)
+
+    threading.Thread(target=feed, daemon=True).start()
+
+
 def _wait_mapped(proc: NodeProcess, lib: str, timeout_s: float = 60.0) -> bool:
     """Event: the child process has mapped a shared library whose path contains ``lib``."""
     maps = Path(f"/proc/{proc.proc.pid}/maps")
@@ -127,6 +157,8 @@ def test_node_exits_cleanly_on_signals(kind: str, scenario: str, tmp_path: Path,
             proc.proc.send_signal(signal.SIGINT)
         else:
             _wait_spinning(probe, fqn, proc, log)
+            if kind == "guidance" and scenario == "SIGINTx2":  # signals while inference runs
+                _keep_guidance_busy(probe, fqn.rsplit("/", 1)[0], proc, log)
             if scenario == "SIGTERM":
                 proc.proc.send_signal(signal.SIGTERM)
             else:
