@@ -3,6 +3,7 @@
     ros2 launch cardiac_copilot_ros copilot.launch.py target_plane:=PLAX
     ros2 launch cardiac_copilot_ros copilot.launch.py use_sim:=true            # no hardware
     ros2 launch cardiac_copilot_ros copilot.launch.py servo:=true image_topic:=/probe/image
+    ros2 launch cardiac_copilot_ros copilot.launch.py pose_source:=tf   # probe pose from TF
 
 Only the documented launch / launch_ros API is used, so the file works on Humble and Jazzy.
 """
@@ -12,6 +13,7 @@ from launch.actions import DeclareLaunchArgument
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
 from launch_ros.substitutions import FindPackageShare
 
 PACKAGE = "cardiac_copilot_ros"
@@ -32,6 +34,9 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("image_topic", default_value="/us/image", description="ultrasound image topic"),
         DeclareLaunchArgument("pose_topic", default_value="/probe_pose",
                               description="probe pose topic (geometry_msgs/PoseStamped, e.g. franka current_pose)"),
+        DeclareLaunchArgument("pose_source", default_value="topic",
+                              description="probe pose for guidance_node: topic (pose_topic) or tf (a TF lookup "
+                                          "base_frame -> probe_frame of config/guidance.yaml; needs tf2_ros)"),
         DeclareLaunchArgument("use_sim", default_value="false",
                               description="start scanner_sim_node (simulated probe and subject) instead of hardware"),
         DeclareLaunchArgument("subject_seed", default_value="1000", description="simulated subject (use_sim)"),
@@ -45,7 +50,8 @@ def generate_launch_description() -> LaunchDescription:
         parameters=[PathJoinSubstitution([config_dir, "guidance.yaml"]),
                     {"model_path": model,
                      "target_plane": LaunchConfiguration("target_plane"),
-                     "use_dreamer": LaunchConfiguration("use_dreamer")}],
+                     "use_dreamer": LaunchConfiguration("use_dreamer"),
+                     "pose_source": ParameterValue(LaunchConfiguration("pose_source"), value_type=str)}],
         remappings=[("image", image_topic), ("image/compressed", [image_topic, "/compressed"]),
                     ("probe_pose", pose_topic)],
     )

@@ -32,12 +32,50 @@ def test_launch_file_is_well_formed(name: str):
     # only the documented, stable launch API
     assert imported <= {"LaunchDescription", "DeclareLaunchArgument", "IfCondition", "UnlessCondition",
                         "LaunchConfiguration", "PathJoinSubstitution", "Node", "FindPackageShare",
-                        "IncludeLaunchDescription", "PythonLaunchDescriptionSource", "TextSubstitution"}
+                        "IncludeLaunchDescription", "PythonLaunchDescriptionSource", "TextSubstitution",
+                        "ParameterValue"}
     executables = {kw.value.value for n in ast.walk(tree) if isinstance(n, ast.Call)
                    for kw in n.keywords if kw.arg == "executable" and isinstance(kw.value, ast.Constant)}
     assert executables and executables <= _executables()
     for cfg in re.findall(r'"(\w+\.(?:yaml|rviz))"', path.read_text()):
         assert (REPO / "config" / cfg).is_file(), cfg
+
+
+def _launch_args_and_node_params(name: str) -> tuple[set[str], set[str], dict[str, set[str]]]:
+    """Declared arguments, LaunchConfiguration names used, and each Node's inline parameter names."""
+    tree = ast.parse((REPO / "launch" / name).read_text())
+    declared, used, params = set(), set(), {}
+    for n in ast.walk(tree):
+        if not isinstance(n, ast.Call) or not isinstance(n.func, ast.Name):
+            continue
+        if n.func.id == "DeclareLaunchArgument":
+            declared.add(n.args[0].value)
+        elif n.func.id == "LaunchConfiguration":
+            used.add(n.args[0].value)
+        elif n.func.id == "Node":
+            kw = {k.arg: k.value for k in n.keywords}
+            names = {key.value for lst in ([kw["parameters"]] if "parameters" in kw else [])
+                     for d in lst.elts if isinstance(d, ast.Dict) for key in d.keys}
+            params[kw["executable"].value] = names
+    return declared, used, params
+
+
+@pytest.mark.parametrize("name", LAUNCH_FILES)
+def test_every_launch_configuration_is_declared(name: str):
+    declared, used, _ = _launch_args_and_node_params(name)
+    assert used <= declared, used - declared
+
+
+@pytest.mark.parametrize(("name", "executable", "arg"), [
+    ("copilot.launch.py", "guidance_node", "pose_source"),    # TF mode without editing YAML
+    ("record.launch.py", "recorder_node", "sync_max_gap_ms"),
+    ("record.launch.py", "scanner_sim_node", "subject_seed"),
+])
+def test_launch_argument_reaches_the_node(name: str, executable: str, arg: str):
+    declared, _, params = _launch_args_and_node_params(name)
+    assert arg in declared and arg in params[executable]
+    node = (REPO / "cardiac_copilot_ros" / "nodes" / f"{executable}.py").read_text()
+    assert re.search(rf'["\']{arg}["\']', node), f"{executable} has no parameter {arg}"
 
 
 def test_rviz_config_shows_guidance_without_clicks():

@@ -189,8 +189,8 @@ def test_services_record_one_bag_per_episode_with_sync_and_diagnostics(tmp_path:
         assert k in keys, k
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_signal_mid_episode_closes_bag_cleanly(tmp_path: Path, sig: int) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, "SIGINTx2"], ids=["SIGINT", "SIGTERM", "SIGINTx2"])
+def test_signal_mid_episode_closes_bag_cleanly(tmp_path: Path, sig: int | str) -> None:
     out = tmp_path / "bags"
     params = {"output_dir": str(out), "autostart": True, "min_free_disk_mb": 1.0, "fsync": False, **SYNC}
     with ros_node("rec_feeder") as node:
@@ -200,6 +200,10 @@ def test_signal_mid_episode_closes_bag_cleanly(tmp_path: Path, sig: int) -> None
             assert wait_for(lambda: bool(bags(out)), 15), "no episode started"
             # metadata.yaml is rewritten at every flush: wait until a good part is on disk
             assert wait_for(lambda: _topic_count(bags(out)[0], "/probe_pose_sync") >= 20, 20)
+            if sig == "SIGINTx2":  # ros2 launch on Ctrl-C: the terminal's process group, then its forward
+                proc.proc.send_signal(signal.SIGINT)
+                time.sleep(0.02)
+                sig = signal.SIGINT
             code = proc.stop(sig, timeout_s=20)
         finally:
             feeder.stop()

@@ -482,8 +482,8 @@ def test_status_and_diagnostics(servo: Harness) -> None:
     assert {"state", "reason", "enabled", "counters", "travel_m"} <= set(s)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_shutdown_sends_zero_and_topic_is_remappable(sig: int, tmp_path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, "SIGINTx2"], ids=["SIGINT", "SIGTERM", "SIGINTx2"])
+def test_shutdown_sends_zero_and_topic_is_remappable(sig: int | str, tmp_path) -> None:
     """Child process with config/servo.yaml (+ fast overrides) and the command topic remapped."""
     params_file = str(Path(__file__).resolve().parent.parent / "config" / "servo.yaml")
     proc = NodeProcess("cardiac_copilot_ros.nodes.servo_node", params=dict(FAST),
@@ -498,6 +498,10 @@ def test_shutdown_sends_zero_and_topic_is_remappable(sig: int, tmp_path) -> None
             assert h.enable().success
             assert wait_for(lambda: len(h.commands()) > 20, WAIT_S)
             assert not h.commands()[-1].is_zero
+            if sig == "SIGINTx2":  # ros2 launch on Ctrl-C: the terminal's process group, then its forward
+                proc.proc.send_signal(signal.SIGINT)
+                time.sleep(0.02)
+                sig = signal.SIGINT
             rc = proc.stop(sig)
             h.wait_cmd(lambda c: c.is_zero, timeout_s=5.0)    # the zero twist, if sent, is delivered
             log = (tmp_path / "servo.log").read_text()

@@ -30,7 +30,6 @@ from rcl_interfaces.msg import (
 )
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.event_handler import SubscriptionEventCallbacks
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import (
     DurabilityPolicy,
@@ -44,6 +43,7 @@ from std_srvs.srv import Trigger
 
 from .. import code_version
 from .. import recording as rec
+from .lifecycle import spin_node
 
 #: Parameters that only take effect at the next episode (the others apply at once).
 _READ_ONLY = ("image_topics", "pose_topic", "annotation_topic", "sync_topic", "image_qos_reliability",
@@ -450,27 +450,10 @@ class RecorderNode(Node):
 
 def main(args: list[str] | None = None) -> int:
     """Run the node until SIGINT/SIGTERM; the open episode is always closed cleanly."""
-    rclpy.init(args=args)
-    node = None
-    code = 0
-    try:
-        node = RecorderNode()
-        # One thread: rclpy's MultiThreadedExecutor costs about twice the CPU per message
-        # (measured with `cardiac-copilot bench recorder`); disk I/O has its own thread anyway.
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except ValueError as exc:  # bad parameters at start-up
-        print(f"recorder_node: {exc}", file=sys.stderr)
-        code = 2
-    finally:
-        if node is not None:
-            node.close()
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return code
+    # One thread: rclpy's MultiThreadedExecutor costs about twice the CPU per message
+    # (measured with `cardiac-copilot bench recorder`); disk I/O has its own thread anyway.
+    return spin_node(RecorderNode, "recorder_node", args, startup_errors=(ValueError,),
+                     on_shutdown=RecorderNode.close)
 
 
 if __name__ == "__main__":

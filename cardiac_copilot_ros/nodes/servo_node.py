@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-import signal
+import sys
 import threading
 from dataclasses import fields
 from typing import Any
 
 import numpy as np
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from geometry_msgs.msg import PoseStamped, TwistStamped, Vector3
 from rcl_interfaces.msg import (
@@ -36,12 +35,9 @@ from rcl_interfaces.msg import (
     SetParametersResult,
 )
 from rclpy.duration import Duration
-from rclpy.exceptions import ParameterException
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
-from rclpy.signals import SignalHandlerOptions
 from std_msgs.msg import Bool, String
 from std_srvs.srv import SetBool
 
@@ -55,6 +51,7 @@ from ..servo import (
     ServoState,
 )
 from .conversions import MessageError, ns_to_stamp, pose_stamped_to_matrix, stamp_to_ns
+from .lifecycle import spin_node
 
 NODE_NAME = "copilot_servo"
 #: Default command topic: relative, so it resolves to /<ns>/servo_node/delta_twist_cmds.
@@ -316,33 +313,11 @@ class ServoNode(Node):
         self.get_logger().info("shutdown: zero twist sent")
 
 
-def _raise_interrupt(signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-def main(args: list[str] | None = None) -> None:
-    # rclpy's own signal handlers would shut the context down before the final zero twist
-    # could be published; SIGINT (KeyboardInterrupt) and SIGTERM are handled here instead.
-    rclpy.init(args=args, signal_handler_options=SignalHandlerOptions.NO)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        node = ServoNode()
-    except (ValueError, ParameterException) as exc:  # out of range, wrong type, or fails validate()
-        print(f"servo_node: invalid parameters: {exc}")
-        rclpy.try_shutdown()
-        raise SystemExit(2) from exc
-    try:
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    finally:
-        try:
-            node.stop_on_shutdown()
-        except KeyboardInterrupt:  # a second signal: give up waiting
-            pass
-        node.destroy_node()
-        rclpy.try_shutdown()
+def main(args: list[str] | None = None) -> int:
+    """Run the node until SIGINT/SIGTERM; the zero twist goes out before the context shuts down."""
+    return spin_node(ServoNode, "servo_node", args, startup_errors=(ValueError,),
+                     on_shutdown=ServoNode.stop_on_shutdown)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
