@@ -13,6 +13,7 @@ from ros_helpers import NodeProcess, ros_node, spin_until
 
 from cardiac_copilot_ros import bagio
 from cardiac_copilot_ros import pose as pose_alg
+from cardiac_copilot_ros.data import build as data_build
 
 pytestmark = pytest.mark.ros
 
@@ -120,7 +121,6 @@ def test_records_scanner_sim_without_loss_and_with_exact_sync(tmp_path: Path) ->
     assert max(errs_mm) < 0.2 and max(errs_deg) < 0.1, (max(errs_mm), max(errs_deg))
 
     # the dataset builder reads the recorder's bag (topics picked by type)
-    data_build = pytest.importorskip("cardiac_copilot_ros.data.build")
     t0 = time.monotonic()
     manifest = data_build.build_cache([bag], tmp_path / "cache",
                                       data_build.BuildOptions(size=32, max_pose_gap_ms=100.0,
