@@ -176,45 +176,104 @@ class PoseSynchronizer:
     images it could resolve. An image waits for a pose stamped at or after it until
     ``max_pose_age_ns`` of receipt time has passed (:meth:`expire`). Not thread-safe: call from
     one thread (the node's executor).
+
+    Pose stamps must increase. A pose stamped at or before the last one, or further ahead of it
+    than ``max_jump_ns`` plus the receipt time elapsed since it (a future-stamped pose), is
+    rejected and counted in ``poses_out_of_order``: one bad stamp never poisons the buffer.
+    When ``reanchor_after`` rejected poses in a row form a consistent stream of their own (the
+    pose source restarted or its clock jumped; or the very first pose was the bad one), the
+    buffer restarts on that stream (counted in ``pose_restarts``).
     """
 
     def __init__(self, max_gap_ns: int = 20_000_000, max_pose_age_ns: int = 100_000_000,
-                 history_ns: int = 5_000_000_000) -> None:
+                 history_ns: int = 5_000_000_000, max_jump_ns: int = 1_000_000_000,
+                 reanchor_after: int = 10) -> None:
         self.max_gap_ns = int(max_gap_ns)
         self.max_pose_age_ns = int(max_pose_age_ns)
         self.history_ns = int(history_ns)
+        self.max_jump_ns = int(max_jump_ns)
+        self.reanchor_after = max(1, int(reanchor_after))
         self.frame_id = ""
         self._stamps: list[int] = []
         self._pos: list[np.ndarray] = []
         self._quat: list[np.ndarray] = []
+        self._last_recv: int | None = None
+        #: consecutive rejected poses that are consistent among themselves: (stamp, pos, quat, frame, recv)
+        self._rejected: list[tuple[int, np.ndarray, np.ndarray, str, int | None]] = []
         self._pending: collections.deque[tuple[Any, int, int]] = collections.deque()
         self.counts = dict.fromkeys(SYNC_REASONS, 0)
         self.poses_out_of_order = 0
+        self.pose_restarts = 0
 
     def reset_counts(self) -> None:
         self.counts = dict.fromkeys(SYNC_REASONS, 0)
         self.poses_out_of_order = 0
+        self.pose_restarts = 0
+
+    def reset(self, keep_history: bool = False) -> None:
+        """Start over (an episode start): no counts, no waiting images, no rejected poses.
+
+        The pose buffer is emptied too, unless ``keep_history`` and it is consistent (no pose was
+        rejected since the last accepted one): then the poses just before the start still serve
+        the episode's first images.
+        """
+        if not keep_history or self._rejected:
+            self._stamps, self._pos, self._quat = [], [], []
+            self._last_recv = None
+        self._rejected = []
+        self._pending.clear()
+        self.reset_counts()
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
+    def _fits(self, stamp_ns: int, last_ns: int, now_ns: int | None, last_recv: int | None) -> bool:
+        """Is ``stamp_ns`` a plausible successor of the pose stamped ``last_ns``?"""
+        allowed = self.max_jump_ns
+        if now_ns is not None and last_recv is not None:
+            allowed += max(0, now_ns - last_recv)
+        return 0 < stamp_ns - last_ns <= allowed
+
     def add_pose(self, stamp_ns: int, position_m: np.ndarray, quat_xyzw: np.ndarray,
-                 frame_id: str = "") -> list[SyncResult]:
-        """Add a pose (stamps must increase; others are counted and ignored)."""
-        if self._stamps and stamp_ns <= self._stamps[-1]:
+                 frame_id: str = "", now_ns: int | None = None) -> list[SyncResult]:
+        """Add a pose received at ``now_ns`` (monotonic receipt time, optional).
+
+        Out-of-order and future-stamped poses are counted and ignored (see the class notes).
+        """
+        stamp_ns = int(stamp_ns)
+        pos = np.asarray(position_m, dtype=np.float64)
+        quat = np.asarray(quat_xyzw, dtype=np.float64)
+        if self._stamps and not self._fits(stamp_ns, self._stamps[-1], now_ns, self._last_recv):
             self.poses_out_of_order += 1
-            return []
-        self._stamps.append(int(stamp_ns))
-        self._pos.append(np.asarray(position_m, dtype=np.float64))
-        self._quat.append(np.asarray(quat_xyzw, dtype=np.float64))
-        if frame_id:
-            self.frame_id = frame_id
+            if self._rejected and self._fits(stamp_ns, self._rejected[-1][0], now_ns, self._rejected[-1][4]):
+                self._rejected.append((stamp_ns, pos, quat, frame_id, now_ns))
+            else:
+                self._rejected = [(stamp_ns, pos, quat, frame_id, now_ns)]
+            if len(self._rejected) < self.reanchor_after:
+                return []
+            # a consistent stream of its own: the source restarted or its clock jumped
+            self.pose_restarts += 1
+            run, self._rejected = self._rejected, []
+            self._stamps = [r[0] for r in run]
+            self._pos = [r[1] for r in run]
+            self._quat = [r[2] for r in run]
+            self._last_recv = now_ns
+            if frame_id:
+                self.frame_id = frame_id
+        else:
+            self._rejected = []
+            self._stamps.append(stamp_ns)
+            self._pos.append(pos)
+            self._quat.append(quat)
+            self._last_recv = now_ns
+            if frame_id:
+                self.frame_id = frame_id
         if len(self._stamps) > 64 and self._stamps[-1] - self._stamps[0] > 2 * self.history_ns:
             cut = bisect.bisect_left(self._stamps, self._stamps[-1] - self.history_ns)
             del self._stamps[:cut], self._pos[:cut], self._quat[:cut]
         out = []
-        while self._pending and self._pending[0][1] <= stamp_ns:
+        while self._pending and self._pending[0][1] <= self._stamps[-1]:
             key, t, _ = self._pending.popleft()
             out.append(self._resolve(key, t, final=True))
         return out

@@ -189,6 +189,43 @@ def test_services_record_one_bag_per_episode_with_sync_and_diagnostics(tmp_path:
         assert k in keys, k
 
 
+def _diag_values(diags: list, key: str) -> list[str]:
+    return [kv.value for d in diags for s in d.status for kv in s.values if kv.key == key]
+
+
+def test_a_future_or_backwards_pose_does_not_stop_sync(tmp_path: Path) -> None:
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    out = tmp_path / "bags"
+    params = {"output_dir": str(out), "min_free_disk_mb": 1.0, "flush_period_s": 0.2, "fsync": False,
+              "diagnostics_period_s": 0.3, **SYNC}
+    with ros_node("rec_feeder") as node, NodeProcess(MODULE, params, log_path=tmp_path / "node.log") as proc:
+        diags: list = []
+        node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 10)
+        feeder = Feeder(node).start()
+        try:
+            assert call_trigger(node, "/recorder_node/start_episode").success
+            spin_until(node, lambda: False, 0.5)
+            t = time.time_ns()
+            pos, q = trajectory(np.array([t / 1e9]))
+            for stamp in (t + 86_400 * 10**9, t - 10**9):  # a day ahead, then a second behind
+                feeder.pose_pub.publish(rec.serialize_pose_stamped_cdr(stamp, "panda_link0", pos[0], q[0]))
+            assert spin_until(node, lambda: any(int(v) >= 2 for v in _diag_values(diags, "poses_out_of_order")),
+                              20), _diag_values(diags, "poses_out_of_order")
+            after = time.time_ns()
+            spin_until(node, lambda: False, 1.5)
+            assert call_trigger(node, "/recorder_node/stop_episode").success
+        finally:
+            feeder.stop()
+        assert proc.alive()
+    [bag] = bags(out)
+    check_sync(bag)
+    sync_stamps = [bagio.stamp_to_ns(m.header.stamp) for _, _, m in bagio.read_messages(bag, ["/probe_pose_sync"])]
+    assert sum(s > after for s in sync_stamps) >= 20  # images after the bad poses still get their pose
+    assert json.loads(custom(bag)["cardiac_copilot.recorder.poses_rejected"])["poses_out_of_order"] == 2
+    assert "ignored" in (tmp_path / "node.log").read_text()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_mid_episode_closes_bag_cleanly(tmp_path: Path, sig: int) -> None:
     out = tmp_path / "bags"

@@ -301,7 +301,15 @@ class RecorderNode(Node):
             self.get_logger().warning(f"{topic}: unreadable pose ({exc}); skipped", throttle_duration_sec=5.0)
             return
         with self._sync_lock:
-            results = self.sync.add_pose(stamp, pos, quat, frame_id)
+            before = self.sync.poses_out_of_order
+            results = self.sync.add_pose(stamp, pos, quat, frame_id, now_ns=time.monotonic_ns())
+            rejected = self.sync.poses_out_of_order - before
+        if rejected:
+            self.get_logger().warning(
+                f"{topic}: pose stamped {stamp / 1e9:.3f} s ignored: at or before the last pose, or "
+                f"further ahead of it than {self.sync.max_jump_ns / 1e9:g} s plus the time between "
+                f"them ({self.sync.poses_out_of_order} this episode, see /diagnostics)",
+                throttle_duration_sec=5.0)
         if results:
             self._emit_sync(results)
 
@@ -327,6 +335,9 @@ class RecorderNode(Node):
 
     def _sync_stats_metadata(self) -> dict[str, str]:
         return {"recorder.sync": json.dumps(dict(self.sync.counts), sort_keys=True),
+                "recorder.poses_rejected": json.dumps(
+                    {"poses_out_of_order": self.sync.poses_out_of_order,
+                     "pose_restarts": self.sync.pose_restarts}, sort_keys=True),
                 "recorder.lost_qos": json.dumps(dict(self._lost), sort_keys=True)}
 
     # ------------------------------------------------------------------ episodes
@@ -357,9 +368,8 @@ class RecorderNode(Node):
             rec.META_PREFIX + "recorder.episode_index": str(self._episode_index),
             rec.META_PREFIX + "recorder.node": self.get_fully_qualified_name(),
         }
-        with self._sync_lock:
-            self.sync.reset_counts()
-            self.sync.flush()
+        with self._sync_lock:  # a bad pose before this episode must not poison it
+            self.sync.reset(keep_history=True)
         ok, msg = self.recorder.start_episode(self._topic_specs(), custom)
         if not ok:
             self.get_logger().error(f"episode not started: {msg}")
@@ -433,11 +443,14 @@ class RecorderNode(Node):
         for reason, n in self.sync.counts.items():
             kv.append((f"sync {reason}", str(n)))
         kv.append(("sync pending", str(self.sync.pending)))
+        kv.append(("poses_out_of_order", str(self.sync.poses_out_of_order)))
+        kv.append(("pose_restarts", str(self.sync.pose_restarts)))
         drops = sum(r.dropped.values()) + sum(self._lost.values())
         failures = sum(n for k, n in self.sync.counts.items() if k != "synced")
         level, text = DiagnosticStatus.OK, r.state
-        if drops or failures:
-            level, text = DiagnosticStatus.WARN, f"{r.state}: {drops} dropped, {failures} images without sync pose"
+        if drops or failures or self.sync.poses_out_of_order:
+            level, text = DiagnosticStatus.WARN, (f"{r.state}: {drops} dropped, {failures} images without "
+                                                  f"sync pose, {self.sync.poses_out_of_order} poses out of order")
         if r.errors or r.last_stop_reason in ("disk_guard", "write_error"):
             level, text = DiagnosticStatus.ERROR, f"{r.state}: stopped by {r.last_stop_reason}"
         status = DiagnosticStatus(level=level, name=f"{self.get_name()}: recording", message=text,
