@@ -820,6 +820,42 @@ def read_mcap_stream(path: str | Path) -> tuple[dict[int, Any], dict[int, Any], 
     return schemas, channels, messages, complete
 
 
+def unfinished_bag_reason(path: str | Path) -> str | None:
+    """Why the bag at ``path`` looks like a recording that never closed (the recorder was killed,
+    crashed or lost power), or ``None``. Such a bag is what :func:`recover_bag` repairs."""
+    bag = Path(path)
+    if not bag.is_dir():
+        return None
+    try:
+        info = (_yaml_load((bag / "metadata.yaml").read_text(encoding="utf-8")) or {}).get(
+            "rosbag2_bagfile_information", {})
+        state = (info.get("custom_data") or {}).get(META_PREFIX + "recorder.state")
+    except Exception:
+        state = None
+    if state == "recording":
+        return f"its metadata.yaml says {META_PREFIX}recorder.state: recording (the recording never closed)"
+    for f in sorted(bag.glob("*.mcap")):
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(max(0, f.stat().st_size - 8))
+                tail = fh.read(8)
+        except OSError:
+            continue
+        if tail != b"\x89MCAP0\r\n":
+            return f"{f.name} ends without an MCAP footer (the writer did not finish)"
+    return None
+
+
+def recover_hint(path: str | Path) -> str:
+    """`` (the bag was not closed: <why>); repair it with ...`` for an unfinished bag, else ``""``
+    (appended to error messages)."""
+    why = unfinished_bag_reason(path)
+    if why is None:
+        return ""
+    return (f" (the bag was not closed: {why}); repair it with `cardiac-copilot dataset recover {path}` "
+            "(Python: cardiac_copilot_ros.recording.recover_bag) and run this again")
+
+
 def recover_bag(path: str | Path) -> RecoveryReport:
     """Finalize a bag left by a crash so every reader accepts it; a no-op for a closed bag.
 
@@ -831,6 +867,7 @@ def recover_bag(path: str | Path) -> RecoveryReport:
     bag = Path(path)
     if not bag.is_dir():
         raise RecordingError(f"not a bag directory: {bag}")
+    (bag / RESERVE_NAME).unlink(missing_ok=True)  # the space an open episode held back
     meta_path = bag / "metadata.yaml"
     old: dict[str, Any] = {}
     if meta_path.exists():
@@ -906,7 +943,7 @@ def recover_bag(path: str | Path) -> RecoveryReport:
             finally:
                 db.close()
         stats.append(st)
-    if all_finalized and meta_path.exists() and custom.get(META_PREFIX + "recorder.state") == "closed":
+    if all_finalized and meta_path.exists() and custom.get(META_PREFIX + "recorder.state") in ("closed", "recovered"):
         return RecoveryReport(bag, counts, rewritten, True)
     topics = []
     for name in sorted(set(types) | set(known)):
