@@ -185,7 +185,8 @@ def test_services_record_one_bag_per_episode_with_sync_and_diagnostics(tmp_path:
         assert sync["synced"] == counts["/probe_pose_sync"]
     keys = {kv.key: kv.value for d in diags for s in d.status for kv in s.values}
     for k in ("state", "bag_size_mb", "free_disk_mb", "/image rate_hz", "/image dropped_queue",
-              "/image lost_qos", "sync synced", "sync stale"):
+              "/image lost_qos", "sync synced", "sync stale", "poses_out_of_order", "pose_restarts",
+              "min_free_disk_mb_effective", "write_rate_mb_s", "write_errors", "last_stop_reason"):
         assert k in keys, k
 
 

@@ -164,7 +164,8 @@ class RecorderNode(Node):
             ("max_bag_duration_s", 0.0, D, "split into a new storage file after this much bag time "
              "[s]; 0 = no split", _float_range(0.0, 1e7)),
             ("min_free_disk_mb", 1024.0, D, "disk guard: refuse to start / stop the episode below "
-             "this much free space [MiB]", _float_range(0.0, 1e9)),
+             "this much free space [MiB]; the guard raises it to 2 s of data at the measured write "
+             "rate + the queue + 5 MiB when that is more (and warns)", _float_range(0.0, 1e9)),
             ("flush_period_s", 1.0, D, "flush to disk (complete MCAP chunk, sqlite commit, "
              "metadata.yaml) this often [s]: a crash loses at most this much", _float_range(0.05, 60.0)),
             ("fsync", True, B, "fsync at every flush (survives power loss, costs disk time)", None),
@@ -428,6 +429,9 @@ class RecorderNode(Node):
             ("bag_size_mb", f"{r.bag_size_bytes / 2**20:.1f}"),
             ("free_disk_mb", f"{r.free_disk_mb:.0f}"),
             ("min_free_disk_mb", f"{r.config.min_free_disk_mb:g}"),
+            ("min_free_disk_mb_effective", f"{r.effective_min_free_disk_mb:.0f}"),
+            ("write_rate_mb_s", f"{r.write_rate_bps / 2**20:.2f}"),
+            ("episodes", str(len(r.episodes))),
             ("queue_mb", f"{r.queued_bytes / 2**20:.1f}"),
             ("splits", str(r.splits)), ("last_stop_reason", r.last_stop_reason),
             ("write_errors", str(r.errors)),
