@@ -618,8 +618,10 @@ class EpisodeWriter:
                     fh.write(bytes(RESERVE_BYTES))
             self._open_file()
             self.write_metadata()
-        except OSError as exc:
-            shutil.rmtree(self.bag_dir, ignore_errors=True)
+        except Exception as exc:
+            shutil.rmtree(self.bag_dir, ignore_errors=True)  # nothing recorded yet
+            if isinstance(exc, RecordingError):
+                raise
             raise RecordingError(f"cannot start bag {self.bag_dir}: {exc}") from exc
         return self
 
