@@ -72,11 +72,17 @@ if mode == "fill":
     r.config.flush_period_s = 60.0  # the next 3 MB stay in the MCAP chunk in memory
     feed(30, 0)
     settle()
-    with open(os.path.join(out, "filler"), "wb") as fh:  # another program fills the disk
+    # another program fills the disk, at once (a disk check in the middle would stop the
+    # episode while the 3 MB chunk still fits: a clean disk_guard stop, not what is tested here)
+    with open(os.path.join(out, "filler"), "wb", buffering=0) as fh:
+        st = os.statvfs(out)
+        try:
+            os.posix_fallocate(fh.fileno(), 0, st.f_bavail * st.f_frsize)
+        except OSError:
+            pass
         try:
             while True:
-                fh.write(bytes(2**20))
-                fh.flush()
+                fh.write(bytes(4096))
         except OSError:
             pass
     feed(10, 0)
