@@ -1165,13 +1165,13 @@ class Recorder:
         if self._episode is None:
             return
         needed = self.needed_free_disk_mb()
-        if needed > self.config.min_free_disk_mb and not self._margin_warned:
+        if needed > self.config.min_free_disk_mb and self.write_rate_bps > 0 and not self._margin_warned:
             self._margin_warned = True
             self._log("warning", f"min_free_disk_mb {self.config.min_free_disk_mb:g} is below what the disk "
                                  f"guard needs at {self.write_rate_bps / 2**20:.1f} MiB/s ({needed:.0f} MiB: "
                                  f"{DISK_GUARD_SECONDS:g} s of data, the queue, a {CHUNK_BYTES // 2**20} MiB "
-                                 f"chunk and the {RESERVE_BYTES // 2**20} MiB reserve); the guard uses "
-                                 f"{needed:.0f} MiB")
+                                 f"chunk and the {RESERVE_BYTES // 2**20} MiB reserve); the guard follows the "
+                                 "measured rate instead (see min_free_disk_mb_effective)")
         margin = self.effective_min_free_disk_mb
         if self.free_disk_mb < margin:
             self._log("error", f"disk guard: {self.free_disk_mb:.0f} MiB free < {margin:.0f} MiB "
