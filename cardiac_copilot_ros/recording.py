@@ -44,6 +44,9 @@ from .pose import slerp
 
 #: rosbag2 metadata version written (Jazzy).
 BAG_VERSION = 9
+#: The disk guard plans for this much data at the measured write rate (checks run every second;
+#: one may come late).
+DISK_GUARD_SECONDS = 2.0
 #: Prefix of the recorder's custom_data keys in metadata.yaml.
 META_PREFIX = "cardiac_copilot."
 #: rosbag2's way of writing an infinite QoS duration.
@@ -176,45 +179,104 @@ class PoseSynchronizer:
     images it could resolve. An image waits for a pose stamped at or after it until
     ``max_pose_age_ns`` of receipt time has passed (:meth:`expire`). Not thread-safe: call from
     one thread (the node's executor).
+
+    Pose stamps must increase. A pose stamped at or before the last one, or further ahead of it
+    than ``max_jump_ns`` plus the receipt time elapsed since it (a future-stamped pose), is
+    rejected and counted in ``poses_out_of_order``: one bad stamp never poisons the buffer.
+    When ``reanchor_after`` rejected poses in a row form a consistent stream of their own (the
+    pose source restarted or its clock jumped; or the very first pose was the bad one), the
+    buffer restarts on that stream (counted in ``pose_restarts``).
     """
 
     def __init__(self, max_gap_ns: int = 20_000_000, max_pose_age_ns: int = 100_000_000,
-                 history_ns: int = 5_000_000_000) -> None:
+                 history_ns: int = 5_000_000_000, max_jump_ns: int = 1_000_000_000,
+                 reanchor_after: int = 10) -> None:
         self.max_gap_ns = int(max_gap_ns)
         self.max_pose_age_ns = int(max_pose_age_ns)
         self.history_ns = int(history_ns)
+        self.max_jump_ns = int(max_jump_ns)
+        self.reanchor_after = max(1, int(reanchor_after))
         self.frame_id = ""
         self._stamps: list[int] = []
         self._pos: list[np.ndarray] = []
         self._quat: list[np.ndarray] = []
+        self._last_recv: int | None = None
+        #: consecutive rejected poses that are consistent among themselves: (stamp, pos, quat, frame, recv)
+        self._rejected: list[tuple[int, np.ndarray, np.ndarray, str, int | None]] = []
         self._pending: collections.deque[tuple[Any, int, int]] = collections.deque()
         self.counts = dict.fromkeys(SYNC_REASONS, 0)
         self.poses_out_of_order = 0
+        self.pose_restarts = 0
 
     def reset_counts(self) -> None:
         self.counts = dict.fromkeys(SYNC_REASONS, 0)
         self.poses_out_of_order = 0
+        self.pose_restarts = 0
+
+    def reset(self, keep_history: bool = False) -> None:
+        """Start over (an episode start): no counts, no waiting images, no rejected poses.
+
+        The pose buffer is emptied too, unless ``keep_history`` and it is consistent (no pose was
+        rejected since the last accepted one): then the poses just before the start still serve
+        the episode's first images.
+        """
+        if not keep_history or self._rejected:
+            self._stamps, self._pos, self._quat = [], [], []
+            self._last_recv = None
+        self._rejected = []
+        self._pending.clear()
+        self.reset_counts()
 
     @property
     def pending(self) -> int:
         return len(self._pending)
 
+    def _fits(self, stamp_ns: int, last_ns: int, now_ns: int | None, last_recv: int | None) -> bool:
+        """Is ``stamp_ns`` a plausible successor of the pose stamped ``last_ns``?"""
+        allowed = self.max_jump_ns
+        if now_ns is not None and last_recv is not None:
+            allowed += max(0, now_ns - last_recv)
+        return 0 < stamp_ns - last_ns <= allowed
+
     def add_pose(self, stamp_ns: int, position_m: np.ndarray, quat_xyzw: np.ndarray,
-                 frame_id: str = "") -> list[SyncResult]:
-        """Add a pose (stamps must increase; others are counted and ignored)."""
-        if self._stamps and stamp_ns <= self._stamps[-1]:
+                 frame_id: str = "", now_ns: int | None = None) -> list[SyncResult]:
+        """Add a pose received at ``now_ns`` (monotonic receipt time, optional).
+
+        Out-of-order and future-stamped poses are counted and ignored (see the class notes).
+        """
+        stamp_ns = int(stamp_ns)
+        pos = np.asarray(position_m, dtype=np.float64)
+        quat = np.asarray(quat_xyzw, dtype=np.float64)
+        if self._stamps and not self._fits(stamp_ns, self._stamps[-1], now_ns, self._last_recv):
             self.poses_out_of_order += 1
-            return []
-        self._stamps.append(int(stamp_ns))
-        self._pos.append(np.asarray(position_m, dtype=np.float64))
-        self._quat.append(np.asarray(quat_xyzw, dtype=np.float64))
-        if frame_id:
-            self.frame_id = frame_id
+            if self._rejected and self._fits(stamp_ns, self._rejected[-1][0], now_ns, self._rejected[-1][4]):
+                self._rejected.append((stamp_ns, pos, quat, frame_id, now_ns))
+            else:
+                self._rejected = [(stamp_ns, pos, quat, frame_id, now_ns)]
+            if len(self._rejected) < self.reanchor_after:
+                return []
+            # a consistent stream of its own: the source restarted or its clock jumped
+            self.pose_restarts += 1
+            run, self._rejected = self._rejected, []
+            self._stamps = [r[0] for r in run]
+            self._pos = [r[1] for r in run]
+            self._quat = [r[2] for r in run]
+            self._last_recv = now_ns
+            if frame_id:
+                self.frame_id = frame_id
+        else:
+            self._rejected = []
+            self._stamps.append(stamp_ns)
+            self._pos.append(pos)
+            self._quat.append(quat)
+            self._last_recv = now_ns
+            if frame_id:
+                self.frame_id = frame_id
         if len(self._stamps) > 64 and self._stamps[-1] - self._stamps[0] > 2 * self.history_ns:
             cut = bisect.bisect_left(self._stamps, self._stamps[-1] - self.history_ns)
             del self._stamps[:cut], self._pos[:cut], self._quat[:cut]
         out = []
-        while self._pending and self._pending[0][1] <= stamp_ns:
+        while self._pending and self._pending[0][1] <= self._stamps[-1]:
             key, t, _ = self._pending.popleft()
             out.append(self._resolve(key, t, final=True))
         return out
@@ -353,6 +415,9 @@ class McapFile:
         self._fh = open(self.path, "xb")
         self._w = Writer(self._fh, chunk_size=chunk_size, compression=comp[compression])
         self._w.start(profile="ros2", library=f"cardiac_copilot_ros {_code_version()}")
+        self._fh.flush()
+        #: end of the data known to be on disk in complete records (the last flush)
+        self.good_offset = self._fh.tell()
         self._schemas: dict[str, int] = {}
 
     def add_topic(self, spec: TopicSpec, qos_text: str) -> int:
@@ -368,11 +433,36 @@ class McapFile:
 
     def flush(self, fsync: bool) -> None:
         self._w.flush()
+        self._fh.flush()
         if fsync:
             os.fsync(self._fh.fileno())
+        self.good_offset = self._fh.tell()
 
     def size_bytes(self) -> int:
         return self._fh.tell()
+
+    def salvage(self, serialized_metadata: str) -> None:
+        """Finalize after a failed write: cut the file back to the last flush (complete chunks),
+        append the rosbag2 metadata record, DataEnd and a footer without summary (valid MCAP,
+        readers scan it). Writes a few hundred bytes; no data is rewritten."""
+        from mcap.data_stream import RecordBuilder
+        from mcap.records import DataEnd, Footer, Metadata
+        from mcap.writer import MCAP0_MAGIC
+
+        try:
+            self._fh.close()  # flushing what failed fails again; the descriptor is closed anyway
+        except OSError:
+            pass
+        b = RecordBuilder()
+        Metadata(name="rosbag2", metadata={"serialized_metadata": serialized_metadata}).write(b)
+        DataEnd(data_section_crc=0).write(b)
+        Footer(summary_start=0, summary_offset_start=0, summary_crc=0).write(b)
+        with open(self.path, "r+b") as fh:
+            fh.truncate(self.good_offset)
+            fh.seek(self.good_offset)
+            fh.write(b.end() + MCAP0_MAGIC)
+            fh.flush()
+            os.fsync(fh.fileno())
 
     def close(self, serialized_metadata: str) -> None:
         self._w.add_metadata("rosbag2", {"serialized_metadata": serialized_metadata})
@@ -436,6 +526,14 @@ class Sqlite3File:
     def size_bytes(self) -> int:
         return self.path.stat().st_size
 
+    def salvage(self, serialized_metadata: str) -> None:
+        """Finalize after a failed write: drop the uncommitted rows, write the metadata row."""
+        try:
+            self._db.rollback()
+        except sqlite3.Error:
+            pass
+        self.close(serialized_metadata)
+
     def close(self, serialized_metadata: str) -> None:
         self._db.execute("INSERT INTO metadata (metadata_version, metadata) VALUES (?, ?)",
                          (BAG_VERSION, serialized_metadata))
@@ -444,6 +542,12 @@ class Sqlite3File:
 
 
 STORAGE_FILES: dict[str, type] = {"mcap": McapFile, "sqlite3": Sqlite3File}
+#: Disk space an open episode holds back (a file in the bag directory) so that a write that
+#: fails for lack of space can still finalize the bag and write metadata.yaml.
+RESERVE_BYTES = 1 * 2**20
+RESERVE_NAME = ".cardiac_copilot_reserve"
+#: MCAP chunk size: data buffered in memory before it is written.
+CHUNK_BYTES = 4 * 2**20
 
 
 # ---------------------------------------------------------------------------------------
@@ -466,6 +570,10 @@ class EpisodeWriter:
 
     ``metadata.yaml`` is written at :meth:`open` (so a crashed bag is recognisable), rewritten
     at every :meth:`flush` with the counts up to that flush and finally at :meth:`close`.
+
+    A write that fails (disk full, file too large, I/O error) marks the writer broken (``error``);
+    :meth:`close` then frees the space held back at :meth:`open` (``RESERVE_BYTES``) and
+    finalizes the bag with everything up to the last flush (``salvaged``, ``lost`` per topic).
     """
 
     def __init__(self, bag_dir: str | Path, topics: list[TopicSpec], storage: str = "mcap",
@@ -488,6 +596,11 @@ class EpisodeWriter:
         self._file: McapFile | Sqlite3File | None = None
         self._channels: dict[str, int] = {}
         self.closed = False
+        self.error: BaseException | None = None
+        self.salvaged = False
+        self.lost: dict[str, int] = {}
+        self._flushed_counts: dict[str, int] = dict(self.counts)
+        self._flushed_file: _FileStats | None = None
 
     # -- life cycle --
     def open(self) -> EpisodeWriter:
@@ -497,20 +610,41 @@ class EpisodeWriter:
             raise RecordingError(f"bag {self.bag_dir} exists already, not overwriting") from None
         except OSError as exc:
             raise RecordingError(f"cannot create bag {self.bag_dir}: {exc}") from exc
-        self._open_file()
-        self.write_metadata()
+        try:
+            with open(self.bag_dir / RESERVE_NAME, "wb") as fh:
+                try:
+                    os.posix_fallocate(fh.fileno(), 0, RESERVE_BYTES)
+                except (AttributeError, OSError):
+                    fh.write(bytes(RESERVE_BYTES))
+            self._open_file()
+            self.write_metadata()
+        except Exception as exc:
+            shutil.rmtree(self.bag_dir, ignore_errors=True)  # nothing recorded yet
+            if isinstance(exc, RecordingError):
+                raise
+            raise RecordingError(f"cannot start bag {self.bag_dir}: {exc}") from exc
         return self
 
     def _open_file(self, first_ns: int = 0) -> None:
         name = f"{self.bag_dir.name}_{len(self.files)}{STORAGE_FILES[self.storage].suffix}"
         path = self.bag_dir / name
-        if self.storage == "mcap":
-            self._file = McapFile(path, compression=self.compression)
-        else:
-            self._file = Sqlite3File(path, ros_distro=self.ros_distro, fsync=self.fsync)
-        self._channels = {t.name: self._file.add_topic(t, _yaml_dump(t.qos_profiles).strip())
-                          for t in self.topics}
+        try:
+            if self.storage == "mcap":
+                new: McapFile | Sqlite3File = McapFile(path, compression=self.compression)
+            else:
+                new = Sqlite3File(path, ros_distro=self.ros_distro, fsync=self.fsync)
+            channels = {t.name: new.add_topic(t, _yaml_dump(t.qos_profiles).strip()) for t in self.topics}
+        except BaseException:
+            path.unlink(missing_ok=True)  # a file that never opened is not part of the bag
+            raise
+        self._file, self._channels = new, channels
         self.files.append(_FileStats(path=name, opened_ns=first_ns))
+        self._snapshot()
+
+    def _snapshot(self) -> None:
+        """Remember what is on disk: the counts and the open file's statistics at this flush."""
+        self._flushed_counts = dict(self.counts)
+        self._flushed_file = dataclasses.replace(self.files[-1])
 
     def add_topic(self, spec: TopicSpec) -> None:
         """Declare a topic after the start (e.g. a type discovered late)."""
@@ -525,15 +659,21 @@ class EpisodeWriter:
         """Write one serialized message; returns True when this write started a new file (split)."""
         if self._file is None:
             raise RecordingError("episode is closed")
+        if self.error is not None:
+            raise RecordingError(f"episode stopped by a write error: {self.error}")
         split = False
         cur = self.files[-1]
-        if cur.count and (
-                (self.max_file_bytes and cur.bytes + len(data) > self.max_file_bytes)
-                or (self.max_file_ns and log_ns - (cur.start_ns or log_ns) >= self.max_file_ns)):
-            self._roll()
-            cur = self.files[-1]
-            split = True
-        self._file.write(self._channels[topic], log_ns, data)
+        try:
+            if cur.count and (
+                    (self.max_file_bytes and cur.bytes + len(data) > self.max_file_bytes)
+                    or (self.max_file_ns and log_ns - (cur.start_ns or log_ns) >= self.max_file_ns)):
+                self._roll()
+                cur = self.files[-1]
+                split = True
+            self._file.write(self._channels[topic], log_ns, data)
+        except BaseException as exc:
+            self.error = exc
+            raise
         cur.count += 1
         cur.bytes += len(data)
         cur.start_ns = log_ns if cur.start_ns is None else min(cur.start_ns, log_ns)
@@ -543,26 +683,61 @@ class EpisodeWriter:
 
     def _roll(self) -> None:
         assert self._file is not None
-        self._file.close(self._serialized_metadata())
-        self._open_file()
+        self._file.close(self._serialized_metadata())  # fails: the old file is salvaged
+        self._file = None
+        self._snapshot()
+        self._open_file()  # fails: the closed files are the bag
         self.write_metadata()
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush(self.fsync)
-            self.write_metadata()
+        if self._file is not None and self.error is None:
+            try:
+                self._file.flush(self.fsync)
+                self._snapshot()
+                self.write_metadata()
+            except BaseException as exc:
+                self.error = exc
+                raise
 
     def size_bytes(self) -> int:
         """Bytes of message data written so far (all files)."""
         return sum(f.bytes for f in self.files)
 
     def close(self) -> None:
-        if self._file is None:
+        """Finalize the bag (after a write error: as it was at the last flush)."""
+        self._release_reserve()
+        if self.closed:
             return
-        self._file.close(self._serialized_metadata())
-        self._file = None
+        if self.error is None and self._file is not None:
+            try:
+                self._file.close(self._serialized_metadata())
+                self._file = None
+                self.closed = True
+                self.write_metadata()
+                return
+            except Exception as exc:
+                self.error = exc
+        self._salvage()
+
+    def _release_reserve(self) -> None:
+        try:
+            (self.bag_dir / RESERVE_NAME).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def _salvage(self) -> None:
+        """Finalize the bag as it was at the last flush (the reserve is free by now)."""
+        kept = self._flushed_counts
+        self.lost = {t: n - kept.get(t, 0) for t, n in self.counts.items() if n > kept.get(t, 0)}
+        self.counts = {t: kept.get(t, 0) for t in self.counts}
+        f, self._file = self._file, None
+        if f is not None and self._flushed_file is not None:
+            self.files[-1] = dataclasses.replace(self._flushed_file)
         self.closed = True
+        if f is not None:
+            f.salvage(self._serialized_metadata())
         self.write_metadata()
+        self.salvaged = True
 
     # -- metadata --
     def metadata(self) -> dict[str, Any]:
@@ -647,6 +822,42 @@ def read_mcap_stream(path: str | Path) -> tuple[dict[int, Any], dict[int, Any], 
     return schemas, channels, messages, complete
 
 
+def unfinished_bag_reason(path: str | Path) -> str | None:
+    """Why the bag at ``path`` looks like a recording that never closed (the recorder was killed,
+    crashed or lost power), or ``None``. Such a bag is what :func:`recover_bag` repairs."""
+    bag = Path(path)
+    if not bag.is_dir():
+        return None
+    try:
+        info = (_yaml_load((bag / "metadata.yaml").read_text(encoding="utf-8")) or {}).get(
+            "rosbag2_bagfile_information", {})
+        state = (info.get("custom_data") or {}).get(META_PREFIX + "recorder.state")
+    except Exception:
+        state = None
+    if state == "recording":
+        return f"its metadata.yaml says {META_PREFIX}recorder.state: recording (the recording never closed)"
+    for f in sorted(bag.glob("*.mcap")):
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(max(0, f.stat().st_size - 8))
+                tail = fh.read(8)
+        except OSError:
+            continue
+        if tail != b"\x89MCAP0\r\n":
+            return f"{f.name} ends without an MCAP footer (the writer did not finish)"
+    return None
+
+
+def recover_hint(path: str | Path) -> str:
+    """`` (the bag was not closed: <why>); repair it with ...`` for an unfinished bag, else ``""``
+    (appended to error messages)."""
+    why = unfinished_bag_reason(path)
+    if why is None:
+        return ""
+    return (f" (the bag was not closed: {why}); repair it with `cardiac-copilot dataset recover {path}` "
+            "(Python: cardiac_copilot_ros.recording.recover_bag) and run this again")
+
+
 def recover_bag(path: str | Path) -> RecoveryReport:
     """Finalize a bag left by a crash so every reader accepts it; a no-op for a closed bag.
 
@@ -658,6 +869,7 @@ def recover_bag(path: str | Path) -> RecoveryReport:
     bag = Path(path)
     if not bag.is_dir():
         raise RecordingError(f"not a bag directory: {bag}")
+    (bag / RESERVE_NAME).unlink(missing_ok=True)  # the space an open episode held back
     meta_path = bag / "metadata.yaml"
     old: dict[str, Any] = {}
     if meta_path.exists():
@@ -733,7 +945,7 @@ def recover_bag(path: str | Path) -> RecoveryReport:
             finally:
                 db.close()
         stats.append(st)
-    if all_finalized and meta_path.exists() and custom.get(META_PREFIX + "recorder.state") == "closed":
+    if all_finalized and meta_path.exists() and custom.get(META_PREFIX + "recorder.state") in ("closed", "recovered"):
         return RecoveryReport(bag, counts, rewritten, True)
     topics = []
     for name in sorted(set(types) | set(known)):
@@ -798,6 +1010,11 @@ class Recorder:
         self.bag_size_bytes = 0
         self.free_disk_mb = free_disk_mb(config.output_dir)
         self.errors = 0
+        #: bytes of message data written per second (peak-following average over disk checks)
+        self.write_rate_bps = 0.0
+        self._bytes_written = 0
+        self._rate_mark = (time.monotonic(), 0)
+        self._margin_warned = False
         self._running = True
         self._thread = threading.Thread(target=self._run, name="recorder-writer", daemon=True)
         self._thread.start()
@@ -815,6 +1032,18 @@ class Recorder:
     @property
     def queued_bytes(self) -> int:
         return self._queued_bytes
+
+    def needed_free_disk_mb(self) -> float:
+        """Free space (MiB) the disk guard needs to stop before the disk is full: what can reach
+        the disk before the next check (``DISK_GUARD_SECONDS`` at the measured write rate, the
+        queue, the MCAP chunk buffered in memory) plus the reserve that finalizes the bag."""
+        return (self.write_rate_bps * DISK_GUARD_SECONDS + self._queued_bytes + CHUNK_BYTES
+                + RESERVE_BYTES) / 2**20
+
+    @property
+    def effective_min_free_disk_mb(self) -> float:
+        """The disk guard's threshold: ``max(min_free_disk_mb, needed_free_disk_mb())``."""
+        return max(self.config.min_free_disk_mb, self.needed_free_disk_mb())
 
     def submit(self, topic: str, log_ns: int, data: bytes) -> bool:
         """Queue one serialized message for the open episode; never blocks."""
@@ -902,10 +1131,11 @@ class Recorder:
                 self.splits += 1
                 self._log("info", f"split {ep.bag_dir.name}: new file {ep.files[-1].path}")
             self.written[topic] += 1
+            self._bytes_written += len(data)
         except Exception as exc:
             self.dropped[topic] += 1
             self.errors += 1
-            self._log("error", f"write to {ep.bag_dir} failed: {exc}; closing the episode")
+            self._log("error", f"write to {ep.bag_dir} failed: {exc}; stopping the episode")
             self._finish("write_error")
 
     def _guarded(self, fn: Callable[[], None], what: str) -> None:
@@ -913,18 +1143,40 @@ class Recorder:
             fn()
         except Exception as exc:
             self.errors += 1
-            self._log("error", f"{what} failed: {exc}")
+            self._log("error", f"{what} failed: {exc}; stopping the episode")
             if self._episode is not None:
-                self._finish(f"{what}_error")
+                self._finish("write_error" if what == "flush" or isinstance(exc, OSError) else f"{what}_error")
+
+    def _measure_rate(self) -> None:
+        now, n = time.monotonic(), self._bytes_written
+        t0, n0 = self._rate_mark
+        if now - t0 >= 0.5:
+            inst = (n - n0) / (now - t0)
+            # rises at once, decays slowly: the guard plans for the recent peak
+            self.write_rate_bps = max(inst, 0.8 * self.write_rate_bps + 0.2 * inst)
+            self._rate_mark = (now, n)
 
     def _check_disk(self) -> None:
+        self._measure_rate()
         try:
             self.free_disk_mb = free_disk_mb(self.config.output_dir)
         except OSError:
             return
-        if self._episode is not None and self.free_disk_mb < self.config.min_free_disk_mb:
-            self._log("error", f"disk guard: {self.free_disk_mb:.0f} MiB free < min_free_disk_mb "
-                               f"{self.config.min_free_disk_mb:g}; stopping the episode")
+        if self._episode is None:
+            return
+        needed = self.needed_free_disk_mb()
+        if needed > self.config.min_free_disk_mb and self.write_rate_bps > 0 and not self._margin_warned:
+            self._margin_warned = True
+            self._log("warning", f"min_free_disk_mb {self.config.min_free_disk_mb:g} is below what the disk "
+                                 f"guard needs at {self.write_rate_bps / 2**20:.1f} MiB/s ({needed:.0f} MiB: "
+                                 f"{DISK_GUARD_SECONDS:g} s of data, the queue, a {CHUNK_BYTES // 2**20} MiB "
+                                 f"chunk and the {RESERVE_BYTES // 2**20} MiB reserve); the guard follows the "
+                                 "measured rate instead (see min_free_disk_mb_effective)")
+        margin = self.effective_min_free_disk_mb
+        if self.free_disk_mb < margin:
+            self._log("error", f"disk guard: {self.free_disk_mb:.0f} MiB free < {margin:.0f} MiB "
+                               f"(min_free_disk_mb {self.config.min_free_disk_mb:g}, or what "
+                               f"{DISK_GUARD_SECONDS:g} s at the measured write rate needs); stopping the episode")
             self.last_stop_reason = "disk_guard"
             self._accepting = False
             self._finish("disk_guard")
@@ -954,11 +1206,14 @@ class Recorder:
             self.free_disk_mb = free_disk_mb(cfg.output_dir)
         except OSError as exc:
             return False, f"cannot use output_dir: {exc}"
-        if self.free_disk_mb < cfg.min_free_disk_mb:
+        if self.free_disk_mb < self.effective_min_free_disk_mb:
             self.state = "idle"
             self.last_stop_reason = "disk_guard"
             return False, (f"disk guard: only {self.free_disk_mb:.0f} MiB free in the output "
-                           f"directory, min_free_disk_mb is {cfg.min_free_disk_mb:g}")
+                           f"directory, min_free_disk_mb is {cfg.min_free_disk_mb:g}"
+                           + (f" (the guard needs {self.effective_min_free_disk_mb:.0f} MiB at the "
+                              "measured write rate)" if self.effective_min_free_disk_mb > cfg.min_free_disk_mb
+                              else ""))
         name = episode_name(cfg.session_label, self._clock_ns() / 1e9)
         bag = Path(cfg.output_dir) / name
         n = 1
@@ -978,6 +1233,7 @@ class Recorder:
         self.written.clear()
         self.dropped.clear()
         self.splits = 0
+        self._margin_warned = False
         self.state = "recording"
         self.last_stop_reason = ""
         self._accepting = True
@@ -990,18 +1246,27 @@ class Recorder:
         self._accepting = False
         if ep is None:
             return None
-        ep.custom_data[META_PREFIX + "recorder.state"] = "closed"
-        ep.custom_data[META_PREFIX + "recorder.stop_reason"] = reason
-        ep.custom_data[META_PREFIX + "recorder.stats"] = json.dumps(
-            {"written": dict(self.written), "dropped": dict(self.dropped), "splits": self.splits},
-            sort_keys=True)
+        if ep.error is not None:
+            reason = "write_error"  # whatever stopped it, data after the last flush is lost
+        self._set_close_metadata(ep, reason)
         for key, value in self._extra_stats().items():
             ep.custom_data[META_PREFIX + key] = value
         try:
             ep.close()
         except Exception as exc:
             self.errors += 1
-            self._log("error", f"closing {ep.bag_dir} failed: {exc}; run recover_bag on it")
+            self._log("error", f"closing {ep.bag_dir} failed: {exc}; repair it with "
+                               f"`cardiac-copilot dataset recover {ep.bag_dir}`")
+        if ep.salvaged:
+            reason = "write_error"
+            self._set_close_metadata(ep, reason)
+            try:
+                ep.write_metadata()
+            except OSError:
+                pass
+            self._log("error", f"{ep.bag_dir}: write failed ({ep.error}); the bag is finalized with what "
+                               f"was flushed before ({sum(ep.counts.values())} messages; lost "
+                               f"{sum(ep.lost.values())} written after the last flush)")
         self.bag_size_bytes = sum(p.stat().st_size for p in ep.bag_dir.iterdir() if p.is_file())
         self._episode = None
         self.state = "idle"
@@ -1009,6 +1274,16 @@ class Recorder:
         self._log("info", f"episode closed ({reason}): {ep.bag_dir} "
                           f"({sum(ep.counts.values())} messages, {self.bag_size_bytes / 2**20:.1f} MiB)")
         return ep.bag_dir
+
+    def _set_close_metadata(self, ep: EpisodeWriter, reason: str) -> None:
+        ep.custom_data[META_PREFIX + "recorder.state"] = "closed"
+        ep.custom_data[META_PREFIX + "recorder.stop_reason"] = reason
+        stats: dict[str, Any] = {"written": dict(self.written), "dropped": dict(self.dropped),
+                                 "splits": self.splits}
+        if ep.error is not None:
+            stats["write_error"] = " ".join(str(ep.error).split())
+            stats["lost_after_last_flush"] = dict(ep.lost)
+        ep.custom_data[META_PREFIX + "recorder.stats"] = json.dumps(stats, sort_keys=True)
 
     #: Set by the owner: extra custom_data written at close (e.g. sync statistics).
     extra_stats: Callable[[], dict[str, str]] | None = None

@@ -11,8 +11,7 @@ from test_data_reference import check_round_trip
 
 from cardiac_copilot_ros.cli import main
 from cardiac_copilot_ros.pose import pose_error
-
-scan_mod = pytest.importorskip("cardiac_copilot_ros.sim.scan", reason="simulator not available")
+from cardiac_copilot_ros.sim import scan as scan_mod
 
 
 @pytest.fixture(scope="module")

@@ -167,13 +167,15 @@ def test_services_record_one_bag_per_episode_with_sync_and_diagnostics(tmp_path:
         assert proc.alive()
     found = bags(out)
     assert len(found) == 2 and all("op07" in b.name for b in found)
+    spans: list[list[int]] = []
     for i, bag in enumerate(found):
         counts = {}
         for topic, _, _ in bagio.read_messages(bag):
             counts[topic] = counts.get(topic, 0) + 1
         assert counts["/annotations"] == 1
         assert [m.data for _, _, m in bagio.read_messages(bag, ["/annotations"])] == [f"PLAX{i}"]
-        assert 30 <= counts["/image"] <= 60 and counts["/probe_pose"] >= 6 * counts["/image"]
+        assert counts["/image"] >= 30 and counts["/probe_pose"] >= 6 * counts["/image"]  # 1.5 s at 30 Hz
+        spans.append([bagio.stamp_to_ns(m.header.stamp) for _, _, m in bagio.read_messages(bag, ["/image"])])
         check_sync(bag)
         meta = custom(bag)
         assert meta["cardiac_copilot.session_label"] == "op07"
@@ -183,10 +185,49 @@ def test_services_record_one_bag_per_episode_with_sync_and_diagnostics(tmp_path:
         assert str(tmp_path) not in (bag / "metadata.yaml").read_text()  # no paths in metadata
         sync = json.loads(meta["cardiac_copilot.recorder.sync"])
         assert sync["synced"] == counts["/probe_pose_sync"]
+    assert max(spans[0]) < min(spans[1])  # each image in the episode it was received in, once
     keys = {kv.key: kv.value for d in diags for s in d.status for kv in s.values}
     for k in ("state", "bag_size_mb", "free_disk_mb", "/image rate_hz", "/image dropped_queue",
-              "/image lost_qos", "sync synced", "sync stale"):
+              "/image lost_qos", "sync synced", "sync stale", "poses_out_of_order", "pose_restarts",
+              "min_free_disk_mb_effective", "write_rate_mb_s", "write_errors", "last_stop_reason"):
         assert k in keys, k
+
+
+def _diag_values(diags: list, key: str) -> list[str]:
+    return [kv.value for d in diags for s in d.status for kv in s.values if kv.key == key]
+
+
+def test_a_future_or_backwards_pose_does_not_stop_sync(tmp_path: Path) -> None:
+    from diagnostic_msgs.msg import DiagnosticArray
+
+    out = tmp_path / "bags"
+    params = {"output_dir": str(out), "min_free_disk_mb": 1.0, "flush_period_s": 0.2, "fsync": False,
+              "diagnostics_period_s": 0.3, **SYNC}
+    with ros_node("rec_feeder") as node, NodeProcess(MODULE, params, log_path=tmp_path / "node.log") as proc:
+        diags: list = []
+        node.create_subscription(DiagnosticArray, "/diagnostics", diags.append, 10)
+        feeder = Feeder(node).start()
+        try:
+            assert call_trigger(node, "/recorder_node/start_episode").success
+            spin_until(node, lambda: False, 0.5)
+            t = time.time_ns()
+            pos, q = trajectory(np.array([t / 1e9]))
+            for stamp in (t + 86_400 * 10**9, t - 10**9):  # a day ahead, then a second behind
+                feeder.pose_pub.publish(rec.serialize_pose_stamped_cdr(stamp, "panda_link0", pos[0], q[0]))
+            assert spin_until(node, lambda: any(int(v) >= 2 for v in _diag_values(diags, "poses_out_of_order")),
+                              20), _diag_values(diags, "poses_out_of_order")
+            after = time.time_ns()
+            spin_until(node, lambda: False, 1.5)
+            assert call_trigger(node, "/recorder_node/stop_episode").success
+        finally:
+            feeder.stop()
+        assert proc.alive()
+    [bag] = bags(out)
+    check_sync(bag)
+    sync_stamps = [bagio.stamp_to_ns(m.header.stamp) for _, _, m in bagio.read_messages(bag, ["/probe_pose_sync"])]
+    assert sum(s > after for s in sync_stamps) >= 20  # images after the bad poses still get their pose
+    assert json.loads(custom(bag)["cardiac_copilot.recorder.poses_rejected"])["poses_out_of_order"] == 2
+    assert "ignored" in (tmp_path / "node.log").read_text()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, "SIGINTx2"], ids=["SIGINT", "SIGTERM", "SIGINTx2"])

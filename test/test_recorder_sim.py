@@ -4,15 +4,18 @@ probe_pose_sync with the simulator's true pose at each image stamp; the dataset 
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from ros_helpers import NodeProcess, ros_node, spin_until
 
 from cardiac_copilot_ros import bagio
 from cardiac_copilot_ros import pose as pose_alg
+from cardiac_copilot_ros.data import build as data_build
 
 pytestmark = pytest.mark.ros
 
@@ -75,6 +78,10 @@ def test_records_scanner_sim_without_loss_and_with_exact_sync(tmp_path: Path) ->
 
     [bag] = [p for p in out.iterdir() if p.is_dir()]
     [mcap_path] = bag.glob("*.mcap")
+    custom = yaml.safe_load((bag / "metadata.yaml").read_text())["rosbag2_bagfile_information"]["custom_data"]
+    # the simulator's pose stream is in order: the recorder rejects none of it
+    assert json.loads(custom["cardiac_copilot.recorder.poses_rejected"]) == {"pose_restarts": 0,
+                                                                             "poses_out_of_order": 0}
 
     # independent reader: the mcap library, messages decoded from CDR with the ROS 2 definitions
     from mcap.reader import make_reader
@@ -120,7 +127,6 @@ def test_records_scanner_sim_without_loss_and_with_exact_sync(tmp_path: Path) ->
     assert max(errs_mm) < 0.2 and max(errs_deg) < 0.1, (max(errs_mm), max(errs_deg))
 
     # the dataset builder reads the recorder's bag (topics picked by type)
-    data_build = pytest.importorskip("cardiac_copilot_ros.data.build")
     t0 = time.monotonic()
     manifest = data_build.build_cache([bag], tmp_path / "cache",
                                       data_build.BuildOptions(size=32, max_pose_gap_ms=100.0,

@@ -130,6 +130,64 @@ def test_pose_sync_failures_are_classified() -> None:
     assert sync.counts == {"synced": 0, "gap": 1, "stale": 1, "no_pose": 1}
 
 
+def _stream(sync: rec.PoseSynchronizer, t0_s: float, seconds: float, offset_s: float = 0.0,
+            bad: dict[int, float] | None = None) -> list[rec.SyncResult]:
+    """250 Hz poses and 30 Hz images stamped t (the pose stamps t + offset_s, as a source with
+    another clock would), received at t; ``bad`` replaces pose k's stamp by that value (s)."""
+    q = np.array([0, 0, 0, 1.0])
+    out: list[rec.SyncResult] = []
+    next_img = t0_s + 0.001
+    for k, t in enumerate(np.arange(t0_s, t0_s + seconds, 0.004)):
+        now = int(round(t * 1e9))
+        while next_img <= t:
+            out += sync.add_image(next_img, int(round((next_img + offset_s) * 1e9)), now_ns=now)
+            next_img += 1 / 30
+        stamp = (bad or {}).get(k, t + offset_s)
+        out += sync.add_pose(int(round(stamp * 1e9)), np.full(3, t), q, "panda_link0", now_ns=now)
+    return out
+
+
+def test_one_future_or_backwards_pose_does_not_stop_sync() -> None:
+    sync = rec.PoseSynchronizer(max_gap_ns=10_000_000, max_pose_age_ns=50_000_000)
+    day = 86_400.0
+    res = _stream(sync, 100.0, 2.0, bad={100: 100.4 + day, 200: 100.0})
+    assert sync.poses_out_of_order == 2 and sync.pose_restarts == 0
+    assert res and all(r.status == "synced" for r in res), {r.status for r in res}
+    # a pose less than max_jump_ns ahead is accepted; the true stream takes over 10 poses later
+    sync = rec.PoseSynchronizer(max_gap_ns=10_000_000, max_pose_age_ns=50_000_000, reanchor_after=10)
+    res = _stream(sync, 100.0, 2.0, bad={100: 100.4 + 0.5})
+    assert sync.poses_out_of_order == 10 and sync.pose_restarts == 1
+    late = [r for r in res if r.key > 100.45]
+    assert late and all(r.status == "synced" for r in late), {r.status for r in late}
+
+
+def test_pose_source_restart_resyncs_and_reset_clears_a_poisoned_buffer() -> None:
+    sync = rec.PoseSynchronizer(max_gap_ns=10_000_000, max_pose_age_ns=50_000_000, reanchor_after=10)
+    _stream(sync, 100.0, 1.0)
+    # the pose source restarts: its stamps jump back 90 s (e.g. a simulator's clock restarted)
+    res = _stream(sync, 101.0, 1.0, offset_s=-90.0)
+    assert sync.pose_restarts == 1 and sync.poses_out_of_order == 10
+    assert [r.status for r in res if r.key > 101.1] == ["synced"] * len([r for r in res if r.key > 101.1])
+
+    # the very first pose is a day ahead: later poses are rejected until they re-anchor the
+    # buffer, or until an episode start resets it
+    sync = rec.PoseSynchronizer(max_gap_ns=10_000_000, max_pose_age_ns=50_000_000, reanchor_after=1000)
+    q = np.array([0, 0, 0, 1.0])
+    sync.add_pose(int((200.0 + 86_400) * 1e9), np.zeros(3), q, now_ns=int(200.0 * 1e9))
+    _stream(sync, 200.0, 0.2)
+    assert sync.poses_out_of_order == 50 and sync.counts["synced"] == 0
+    sync.reset(keep_history=True)  # what recorder_node does at start_episode
+    assert sync.counts["no_pose"] == 0 and sync.poses_out_of_order == 0
+    res = _stream(sync, 200.2, 0.5)
+    assert res and all(r.status == "synced" for r in res if r.key > 200.21)
+    # a consistent buffer is kept over an episode start: the first image is synced at once
+    sync.reset(keep_history=True)
+    [r] = sync.add_image("first", int(200.69 * 1e9), now_ns=int(200.7 * 1e9))
+    assert r.status == "synced"
+    sync.reset()
+    assert sync.add_image("first", int(200.69 * 1e9), now_ns=int(200.7 * 1e9)) == []
+
+
 # ------------------------------------------------------------------------------- episode bags
 
 

@@ -289,14 +289,17 @@ def read_bag(bag: Path, opts: BuildOptions, chunk_path: Path) -> dict[str, Any]:
 
     Raises :class:`DatasetError` for a bag that cannot be read or lacks a needed topic.
     """
+    from ..recording import recover_hint  # an unfinished recording: the error says how to repair it
+
     try:
         return _read_bag(bag, opts, chunk_path)
     except DatasetError:
         raise
     except bagio.BagError as exc:
-        raise DatasetError(f"corrupt or unreadable bag: {_one_line(exc)}") from None
+        raise DatasetError(f"corrupt or unreadable bag: {_one_line(exc)}{recover_hint(bag)}") from None
     except Exception as exc:  # rosbags/mcap/sqlite raise many types for damaged files
-        raise DatasetError(f"corrupt or unreadable bag {bag}: {type(exc).__name__}: {_one_line(exc)}") from None
+        raise DatasetError(f"corrupt or unreadable bag {bag}: {type(exc).__name__}: {_one_line(exc)}"
+                           f"{recover_hint(bag)}") from None
 
 
 def _one_line(exc: BaseException) -> str:

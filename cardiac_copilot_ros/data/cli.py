@@ -1,4 +1,4 @@
-"""``cardiac-copilot dataset build BAGS... --out DIR`` and ``cardiac-copilot dataset info DIR``.
+"""``cardiac-copilot dataset build BAGS... --out DIR``, ``dataset info DIR`` and ``dataset recover BAG...``.
 
 Exit codes: 0 success, 1 bad input or failed build (one clear line on stderr, no
 traceback), 2 usage errors (argparse).
@@ -78,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     i = sub.add_parser("info", help="summary of a training cache")
     i.add_argument("cache", type=Path, metavar="DIR")
+    r = sub.add_parser("recover", help="finalize bags left open by a killed or crashed recorder",
+                       description="Repair recorder bags that never closed (recorder killed, crashed, power "
+                                   "lost): MCAP files are rewritten with everything up to the last intact chunk "
+                                   "(the original is kept as *.mcap.crashed), metadata.yaml is rebuilt. Closed "
+                                   "bags are left as they are.")
+    r.add_argument("bags", nargs="+", type=Path, metavar="BAG", help="bag directories")
 
 
 def _table(rows: list[list[Any]], header: list[str]) -> str:
@@ -131,11 +137,33 @@ def format_summary(manifest: dict[str, Any], cache_dir: str | Path | None = None
     return "\n".join(lines)
 
 
+def _recover(bags: list[Path]) -> int:
+    from ..recording import RecordingError, recover_bag
+
+    code = 0
+    for bag in bags:
+        try:
+            rep = recover_bag(bag)
+        except (RecordingError, OSError) as exc:
+            print(f"cardiac-copilot dataset recover: error: {bag}: {exc}", file=sys.stderr)
+            code = EXIT_ERROR
+            continue
+        n = sum(rep.counts.values())
+        if rep.already_finalized:
+            print(f"{bag}: closed already ({n} messages), left as it is")
+        else:
+            print(f"{bag}: recovered {n} messages"
+                  + (f" (rewrote {', '.join(rep.rewritten)}; originals kept as *.crashed)" if rep.rewritten else ""))
+    return code
+
+
 def run(args: argparse.Namespace) -> int:
-    """Run ``dataset build`` or ``dataset info``."""
+    """Run ``dataset build``, ``dataset info`` or ``dataset recover``."""
     from .build import BuildOptions, DatasetError, build_cache
 
     try:
+        if args.action == "recover":
+            return _recover(args.bags)
         if args.action == "info":
             from .dataset import load_manifest
 

@@ -79,10 +79,12 @@ def run(args: argparse.Namespace) -> int:
           f"{', '.join(meta['planes'])})")
     diffs = res["max_abs_diff"]
     if diffs is not None:
-        worst = max(diffs.values())
         print("check vs eager model: " + ", ".join(f"{k} max |diff| {v:.2e}" for k, v in diffs.items())
               + f" (tolerance {TOLERANCE:g} mm/deg)")
-        if worst > TOLERANCE:
-            print(f"export: bundle outputs differ from the model by {worst:.3g} > {TOLERANCE:g}", file=sys.stderr)
+        bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}  # NaN and inf fail too
+        if bad:
+            print("export: bundle outputs differ from the model (" + ", ".join(
+                f"{k} {v:.3g}" for k, v in bad.items()) + f"; tolerance {TOLERANCE:g}, NaN/inf count as "
+                "failures: check the checkpoint's weights)", file=sys.stderr)
             return 1
     return 0

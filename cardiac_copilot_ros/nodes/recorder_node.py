@@ -164,7 +164,8 @@ class RecorderNode(Node):
             ("max_bag_duration_s", 0.0, D, "split into a new storage file after this much bag time "
              "[s]; 0 = no split", _float_range(0.0, 1e7)),
             ("min_free_disk_mb", 1024.0, D, "disk guard: refuse to start / stop the episode below "
-             "this much free space [MiB]", _float_range(0.0, 1e9)),
+             "this much free space [MiB]; the guard raises it to 2 s of data at the measured write "
+             "rate + the queue + 5 MiB when that is more (and warns)", _float_range(0.0, 1e9)),
             ("flush_period_s", 1.0, D, "flush to disk (complete MCAP chunk, sqlite commit, "
              "metadata.yaml) this often [s]: a crash loses at most this much", _float_range(0.05, 60.0)),
             ("fsync", True, B, "fsync at every flush (survives power loss, costs disk time)", None),
@@ -301,7 +302,15 @@ class RecorderNode(Node):
             self.get_logger().warning(f"{topic}: unreadable pose ({exc}); skipped", throttle_duration_sec=5.0)
             return
         with self._sync_lock:
-            results = self.sync.add_pose(stamp, pos, quat, frame_id)
+            before = self.sync.poses_out_of_order
+            results = self.sync.add_pose(stamp, pos, quat, frame_id, now_ns=time.monotonic_ns())
+            rejected = self.sync.poses_out_of_order - before
+        if rejected:
+            self.get_logger().warning(
+                f"{topic}: pose stamped {stamp / 1e9:.3f} s ignored: at or before the last pose, or "
+                f"further ahead of it than {self.sync.max_jump_ns / 1e9:g} s plus the time between "
+                f"them ({self.sync.poses_out_of_order} this episode, see /diagnostics)",
+                throttle_duration_sec=5.0)
         if results:
             self._emit_sync(results)
 
@@ -327,6 +336,9 @@ class RecorderNode(Node):
 
     def _sync_stats_metadata(self) -> dict[str, str]:
         return {"recorder.sync": json.dumps(dict(self.sync.counts), sort_keys=True),
+                "recorder.poses_rejected": json.dumps(
+                    {"poses_out_of_order": self.sync.poses_out_of_order,
+                     "pose_restarts": self.sync.pose_restarts}, sort_keys=True),
                 "recorder.lost_qos": json.dumps(dict(self._lost), sort_keys=True)}
 
     # ------------------------------------------------------------------ episodes
@@ -357,9 +369,8 @@ class RecorderNode(Node):
             rec.META_PREFIX + "recorder.episode_index": str(self._episode_index),
             rec.META_PREFIX + "recorder.node": self.get_fully_qualified_name(),
         }
-        with self._sync_lock:
-            self.sync.reset_counts()
-            self.sync.flush()
+        with self._sync_lock:  # a bad pose before this episode must not poison it
+            self.sync.reset(keep_history=True)
         ok, msg = self.recorder.start_episode(self._topic_specs(), custom)
         if not ok:
             self.get_logger().error(f"episode not started: {msg}")
@@ -418,6 +429,9 @@ class RecorderNode(Node):
             ("bag_size_mb", f"{r.bag_size_bytes / 2**20:.1f}"),
             ("free_disk_mb", f"{r.free_disk_mb:.0f}"),
             ("min_free_disk_mb", f"{r.config.min_free_disk_mb:g}"),
+            ("min_free_disk_mb_effective", f"{r.effective_min_free_disk_mb:.0f}"),
+            ("write_rate_mb_s", f"{r.write_rate_bps / 2**20:.2f}"),
+            ("episodes", str(len(r.episodes))),
             ("queue_mb", f"{r.queued_bytes / 2**20:.1f}"),
             ("splits", str(r.splits)), ("last_stop_reason", r.last_stop_reason),
             ("write_errors", str(r.errors)),
@@ -433,11 +447,14 @@ class RecorderNode(Node):
         for reason, n in self.sync.counts.items():
             kv.append((f"sync {reason}", str(n)))
         kv.append(("sync pending", str(self.sync.pending)))
+        kv.append(("poses_out_of_order", str(self.sync.poses_out_of_order)))
+        kv.append(("pose_restarts", str(self.sync.pose_restarts)))
         drops = sum(r.dropped.values()) + sum(self._lost.values())
         failures = sum(n for k, n in self.sync.counts.items() if k != "synced")
         level, text = DiagnosticStatus.OK, r.state
-        if drops or failures:
-            level, text = DiagnosticStatus.WARN, f"{r.state}: {drops} dropped, {failures} images without sync pose"
+        if drops or failures or self.sync.poses_out_of_order:
+            level, text = DiagnosticStatus.WARN, (f"{r.state}: {drops} dropped, {failures} images without "
+                                                  f"sync pose, {self.sync.poses_out_of_order} poses out of order")
         if r.errors or r.last_stop_reason in ("disk_guard", "write_error"):
             level, text = DiagnosticStatus.ERROR, f"{r.state}: stopped by {r.last_stop_reason}"
         status = DiagnosticStatus(level=level, name=f"{self.get_name()}: recording", message=text,
