@@ -44,7 +44,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from .. import images
 from .. import pose as pose_alg
-from ..planes import PLANE_NAMES, parse_plane
+from ..planes import PLANE_NAMES
 from ..runtime import (
     MODEL_HINT,
     FrameError,
@@ -262,10 +262,6 @@ class GuidanceNode(Node):
                 raise StartupError(f"parameter {name}={gp(name).value!r} is invalid; "
                                    f"choose one of {', '.join(allowed)}")
 
-        try:
-            parse_plane(gp("target_plane").value)
-        except ValueError as exc:
-            raise StartupError(f"parameter target_plane: {exc}") from None
         self._pose_source = gp("pose_source").value
         self._tf2_ros = self._import_tf2_ros()
         self.runtime = self._load_runtime()
@@ -351,8 +347,10 @@ class GuidanceNode(Node):
         d("device", "auto", _descr("inference device", True, "auto (CUDA when present) | cpu | cuda"))
         d("num_threads", 0, _descr("torch intra-op threads; 0 = number of cores - 1 (at least 1)", True,
                                    integer_range=_int_range(0, 256)))
-        d("target_plane", PLANE_NAMES[0], _descr("standard plane to guide to; changeable at run time",
-                                                 constraints=" | ".join(PLANE_NAMES)))
+        d("target_plane", PLANE_NAMES[0], _descr("view to guide to, any view of the loaded model (its "
+                                                 "metadata 'planes'); changeable at run time",
+                                                 constraints="a view of the model (default model: "
+                                                             + " | ".join(PLANE_NAMES) + ")"))
         d("use_dreamer", True, _descr("refine the action with the Cardiac Dreamer world model; "
                                       "changeable at run time"))
         d("crop_roi", [0, 0, 0, 0], _descr("crop [x, y, w, h] in pixels before resizing; 0s = full frame, "
