@@ -43,8 +43,8 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
-from ..planes import UnknownPlaneError, parse_plane
 from ..pose import action_to_matrix, rotvec_to_rotation
+from ..sim.phantom import sim_view
 from .conversions import gray_to_image_msg, matrix_to_pose_stamped
 from .lifecycle import spin_node
 
@@ -72,7 +72,7 @@ class ScannerSimNode(Node):
             read_only=True, integer_range=[IntegerRange(from_value=0, to_value=2**31 - 1, step=1)]))
         self.declare_parameter("target_plane", "PLAX", P(
             description="Standard plane whose true target is published and that start_offset and "
-                        "~/reset refer to: PLAX, PSAX-AV, PSAX-MV (changeable at run time)."))
+                        "~/reset refer to: PLAX, PSAX-AV, PSAX-MV or A4C (changeable at run time)."))
         self.declare_parameter("image_rate_hz", 30.0, P(
             description="Image rate [Hz] (read-only).", read_only=True, floating_point_range=_frange(1.0, 200.0)))
         self.declare_parameter("pose_rate_hz", 250.0, P(
@@ -113,8 +113,8 @@ class ScannerSimNode(Node):
 
         gp = self.get_parameter
         try:
-            self._plane = parse_plane(gp("target_plane").value).name
-        except UnknownPlaneError as exc:
+            self._plane = sim_view(gp("target_plane").value)
+        except ValueError as exc:
             raise ValueError(str(exc)) from exc
         self._offset = self._check_offset(gp("start_offset").value)
         self._base = gp("base_frame").value
@@ -187,7 +187,7 @@ class ScannerSimNode(Node):
         for p in params:
             try:
                 if p.name == "target_plane":
-                    updates[p.name] = parse_plane(p.value).name
+                    updates[p.name] = sim_view(p.value)
                 elif p.name == "start_offset":
                     updates[p.name] = self._check_offset(p.value)
                 elif p.name in ("cmd_timeout_s", "max_linear_speed_mps", "max_angular_speed_rps"):
