@@ -83,3 +83,19 @@ def test_default_model_rejects_a4c_naming_its_views():
     with pytest.raises(ValueError) as err:
         rt.plane_name("A4C")
     assert "A4C" in str(err.value) and "valid planes: PLAX, PSAX-AV, PSAX-MV" in str(err.value)
+
+
+def test_evaluation_matches_views_by_name(a4c_cache):
+    from cardiac_copilot_ros.evaluation import EvalModel, EvaluationError, evaluate, load_model, model_planes
+
+    m = EvalModel(name="m", source=Path("m.pt"), kind="bundle", has_dreamer=False, input_size=(32, 32),
+                  forward=None, planes=("A4C", "PSAX-AV", "PLAX"))
+    column = np.array([0, 1, 1, 0])                       # cache views: PLAX, A4C
+    assert model_planes(m, ("PLAX", "A4C"), column, column).tolist() == [2, 0, 0, 2]
+    assert model_planes(m, ("A4C", "PSAX-AV", "PLAX"), column, column) is column
+    with pytest.raises(EvaluationError, match="trained on the views A4C, PSAX-AV, PLAX.*also show PSAX-MV"):
+        model_planes(m, ("PLAX", "PSAX-MV"), column, column)
+    default = load_model(default_model_path())
+    assert default.planes == ("PLAX", "PSAX-AV", "PSAX-MV")
+    with pytest.raises(EvaluationError, match="also show A4C"):
+        evaluate([default], a4c_cache, split="all", allow_overlap=True, progress=False, log=lambda s: None)
