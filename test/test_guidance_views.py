@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+from ros_helpers import ros_node, spin_until
 
 torch = pytest.importorskip("torch")
 
 import rclpy  # noqa: E402
+from geometry_msgs.msg import PoseStamped  # noqa: E402
 from rclpy.context import Context  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import qos_profile_sensor_data  # noqa: E402
+from sensor_msgs.msg import Image  # noqa: E402
 
+from cardiac_copilot_ros import pose as pose_alg  # noqa: E402
+from cardiac_copilot_ros.data.calibration import load_calibration  # noqa: E402
 from cardiac_copilot_ros.model.bundle import build_metadata, save_bundle  # noqa: E402
 from cardiac_copilot_ros.model.policy import GuidanceModel  # noqa: E402
+from cardiac_copilot_ros.nodes import conversions as conv  # noqa: E402
 from cardiac_copilot_ros.nodes.guidance_node import GuidanceNode, StartupError  # noqa: E402
-from cardiac_copilot_ros.runtime import default_model_path  # noqa: E402
+from cardiac_copilot_ros.runtime import GuidanceRuntime, default_model_path  # noqa: E402
 
 pytestmark = pytest.mark.ros
 
@@ -68,3 +78,65 @@ def test_default_model_rejects_a4c_at_startup_and_at_run_time(ctx):
         assert node.set_parameters([Parameter("target_plane", value="psax_mv")])[0].successful
     finally:
         node.destroy_node()
+
+
+CALIB = """parent_frame: tool0
+child_frame: us_probe
+translation_m: [0.01, -0.02, 0.105]
+quaternion_xyzw: [0.0, 0.0, 0.3826834, 0.9238795]
+"""
+
+
+def test_probe_calibration_turns_tool_poses_into_image_poses(views_bundle, tmp_path):
+    """probe_pose carries the tool pose; target_pose = (T_tool X) U(action), X from the YAML."""
+    (tmp_path / "probe.yaml").write_text(CALIB)
+    X = load_calibration(tmp_path / "probe.yaml").matrix_mm()
+    ns = "/gviews"
+    ctx = Context()
+    rclpy.init(context=ctx)
+    node = GuidanceNode(context=ctx, namespace=ns, parameter_overrides=_params(
+        views_bundle, target_plane="A4C", probe_calibration=str(tmp_path / "probe.yaml"), publish_tf=False,
+        max_pose_age_s=0.5))
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    reference = GuidanceRuntime(views_bundle, device="cpu", warmup=0)
+    frame = np.random.default_rng(3).integers(0, 256, (40, 48), dtype=np.uint8)
+    T_tool = pose_alg.action_to_matrix(np.array([400.0, 20.0, 300.0, 170.0, 10.0, -30.0]))
+    try:
+        with ros_node("gviews_probe") as probe:
+            targets: dict[int, PoseStamped] = {}
+            pub_img = probe.create_publisher(Image, f"{ns}/image", qos_profile_sensor_data)
+            pub_pose = probe.create_publisher(PoseStamped, f"{ns}/probe_pose", qos_profile_sensor_data)
+            probe.create_subscription(PoseStamped, f"{ns}/target_pose",
+                                      lambda m: targets.__setitem__(conv.stamp_to_ns(m.header.stamp), m), 10)
+            assert spin_until(probe, lambda: pub_img.get_subscription_count() > 0
+                              and pub_pose.get_subscription_count() > 0, 15.0)
+            got = None
+            for k in range(10):   # best effort: retry with a fresh stamp if a message is lost
+                stamp = 1_700_000_000_000_000_000 + k * 100_000_000
+                pub_pose.publish(conv.matrix_to_pose_stamped(T_tool, stamp, "panda_link0"))
+                spin_until(probe, lambda: False, 0.05)
+                pub_img.publish(conv.gray_to_image_msg(frame, stamp, "us_probe"))
+                if spin_until(probe, lambda s=stamp: s in targets, 3.0):
+                    got = targets[stamp]
+                    break
+            assert got is not None, "no target_pose"
+        _, T_target = conv.pose_stamped_to_matrix(got)
+        expected = pose_alg.apply_action(T_tool @ X, reference.predict(frame, "A4C").action)
+        np.testing.assert_allclose(T_target, expected, atol=1e-3)
+        without = pose_alg.apply_action(T_tool, reference.predict(frame, "A4C").action)
+        assert np.abs(T_target[:3, 3] - without[:3, 3]).max() > 10.0   # the calibration matters
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+        thread.join(5.0)
+
+
+def test_bad_probe_calibration_fails_at_startup(views_bundle, tmp_path, ctx):
+    (tmp_path / "bad.yaml").write_text(CALIB.replace("0.105", "105.0"))
+    with pytest.raises(StartupError, match="probe_calibration: .*not millimetres"):
+        GuidanceNode(context=ctx, parameter_overrides=_params(views_bundle, probe_calibration=str(
+            tmp_path / "bad.yaml")))
