@@ -43,8 +43,8 @@ from sensor_msgs.msg import Image
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
+from ..planes import UnknownPlaneError, parse_plane
 from ..pose import action_to_matrix, rotvec_to_rotation
-from ..sim.phantom import sim_view
 from .conversions import gray_to_image_msg, matrix_to_pose_stamped
 from .lifecycle import spin_node
 
@@ -59,6 +59,13 @@ _READ_ONLY = ("subject_seed", "image_rate_hz", "pose_rate_hz", "image_size", "de
 
 def _frange(lo: float, hi: float) -> list[FloatingPointRange]:
     return [FloatingPointRange(from_value=lo, to_value=hi)]
+
+
+def _sim_plane(value: str) -> str:
+    """Canonical name of a view the simulator has; ValueError listing the simulated views."""
+    from ..sim.phantom import sim_view
+
+    return sim_view(parse_plane(value))
 
 
 class ScannerSimNode(Node):
@@ -113,8 +120,8 @@ class ScannerSimNode(Node):
 
         gp = self.get_parameter
         try:
-            self._plane = sim_view(gp("target_plane").value)
-        except ValueError as exc:
+            self._plane = _sim_plane(gp("target_plane").value)
+        except UnknownPlaneError as exc:
             raise ValueError(str(exc)) from exc
         self._offset = self._check_offset(gp("start_offset").value)
         self._base = gp("base_frame").value
@@ -187,7 +194,7 @@ class ScannerSimNode(Node):
         for p in params:
             try:
                 if p.name == "target_plane":
-                    updates[p.name] = sim_view(p.value)
+                    updates[p.name] = _sim_plane(p.value)
                 elif p.name == "start_offset":
                     updates[p.name] = self._check_offset(p.value)
                 elif p.name in ("cmd_timeout_s", "max_linear_speed_mps", "max_angular_speed_rps"):
