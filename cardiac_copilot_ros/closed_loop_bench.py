@@ -45,8 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from .planes import PLANE_NAMES, parse_plane
+from .planes import PLANE_NAMES, order_views, parse_plane
 from .processes import stop_process
+from .sim.phantom import sim_view
 
 NAMESPACE = "/closed_loop_bench"
 #: First held-out subject seed (the default model's training data uses seeds 0-39).
@@ -137,7 +138,7 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, Any]:
         }
 
     out = stats(episodes)
-    planes = [p for p in PLANE_NAMES if any(e.plane == p for e in episodes)]
+    planes = order_views({e.plane for e in episodes})
     out["per_plane"] = {p: stats([e for e in episodes if e.plane == p]) for p in planes}
     return out
 
@@ -204,7 +205,7 @@ def build_report(episodes: Sequence[Episode], config: dict[str, Any]) -> dict[st
 
 def _planes(text: str) -> list[str]:
     try:
-        return [parse_plane(p).name for p in text.split(",") if p.strip()]
+        return [sim_view(p) for p in text.split(",") if p.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -228,7 +229,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="episodes per plane and mode (default 3); episode k uses subject seed "
                              "--subject-seed + k")
     parser.add_argument("--planes", type=_planes, default=list(PLANE_NAMES), metavar="PLANES",
-                        help=f"comma-separated planes (default {','.join(PLANE_NAMES)})")
+                        help=f"comma-separated planes (default {','.join(PLANE_NAMES)}; the simulator also "
+                             "has A4C, which needs a bundle trained on it)")
     parser.add_argument("--time-limit-s", type=float, default=30.0,
                         help="time limit per episode [s] (the simulator runs in real time; default 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random start offsets (default 0)")

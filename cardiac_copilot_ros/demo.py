@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .planes import PLANE_NAMES, parse_plane
+from .planes import PLANE_NAMES
 from .pose import ACTION_AXES, ACTION_UNITS, interpolate_poses, pose_to_matrix, relative_action
 from .processes import stop_process
+from .sim.phantom import SIM_VIEWS, sim_view
 
 #: Held-out subject seeds (training uses the low seeds; see docs/BENCHMARK.md).
 DEFAULT_SUBJECT_SEED = 9001
@@ -40,7 +41,8 @@ DEFAULT_SUBJECT_SEED = 9001
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None,
                         help="model bundle (.pt or .pt2); default: models/default.pt")
-    parser.add_argument("--plane", default=PLANE_NAMES[0], help=f"target plane ({', '.join(PLANE_NAMES)})")
+    parser.add_argument("--plane", default=PLANE_NAMES[0],
+                        help=f"target plane ({', '.join(SIM_VIEWS)}; a view of the bundle)")
     parser.add_argument("--subject-seed", type=int, default=DEFAULT_SUBJECT_SEED,
                         help="simulated subject (a seed the default model never saw)")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long to guide [s]")
@@ -185,11 +187,27 @@ def run(args: argparse.Namespace) -> int:
     from .sim.phantom import make_subject
     from .sim.scan import scan_seed, write_scan
 
-    plane = parse_plane(args.plane).name
     bundle = (args.bundle or default_model_path()).expanduser()
     if not bundle.is_file():
         print(f"demo: model bundle not found: {bundle}\n"
               "  train and export one (README: Training and evaluation) or pass --bundle FILE", file=sys.stderr)
+        return 2
+    from .model.bundle import BundleError, _inspect_archive
+    from .planes import match_view
+
+    try:
+        plane = sim_view(args.plane)
+    except ValueError as exc:
+        print(f"demo: --plane: {exc}", file=sys.stderr)
+        return 2
+    try:  # fail early when the model does not know the view (other formats: the node says so)
+        model_planes = _inspect_archive(bundle)[1].get("planes") or list(PLANE_NAMES)
+        match_view(plane, model_planes)
+    except BundleError:
+        pass
+    except ValueError:
+        print(f"demo: --plane {plane}: the model {bundle.name} knows only {', '.join(model_planes)}; "
+              f"train one on {plane} scans (docs/SIMULATOR.md, 'A4C') and pass --bundle", file=sys.stderr)
         return 2
     out = args.out or Path("outputs") / f"demo-{datetime.now():%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,7 @@ class EvalModel:
     manifest_sha256: str | None = None
     train_data: str | None = None       # the training cache named in the run's config, if known
     info: dict[str, Any] = field(default_factory=dict)
+    planes: tuple[str, ...] | None = None  # the model's views (its plane query order); None: the data's
 
     @property
     def entries(self) -> list[str]:
@@ -159,6 +160,7 @@ def load_model(path: str | Path, name: str | None = None, device: str = "cpu",
             cfg = _run_config(Path(ck))
             train_data = (cfg or {}).get("data")
         return EvalModel(name=name, source=path, kind="bundle", has_dreamer=bundle.has_dreamer,
+                         planes=tuple(bundle.planes),
                          input_size=bundle.input_size, forward=bundle,
                          manifest_sha256=meta.get("data_manifest_sha256"), train_data=train_data,
                          info={"format": bundle.fmt, "backbone": bundle.backbone, "model": meta.get("model"),
@@ -178,6 +180,7 @@ def load_model(path: str | Path, name: str | None = None, device: str = "cpu",
 
     h, w = state["input_size"]
     return EvalModel(name=name, source=path, kind="run", has_dreamer=bool(model.has_dreamer),
+                     planes=tuple(model.plane_names),
                      input_size=(int(h), int(w)), forward=forward,
                      manifest_sha256=state.get("data_manifest_sha256"), train_data=cfg.get("data"),
                      info={"checkpoint": state["path"], "step": state.get("step"), "model": cfg.get("model"),
@@ -375,6 +378,28 @@ def predict(model: EvalModel, images: np.ndarray, plane: np.ndarray, indices: np
     return preds
 
 
+def model_planes(model: EvalModel, planes: Sequence[str], plane_all: np.ndarray, plane: np.ndarray) -> np.ndarray:
+    """The cache's plane column in ``model``'s plane-query order (views matched by name).
+
+    :class:`EvaluationError` when frames of the evaluated split show a view the model lacks.
+    """
+    if model.planes is None or tuple(model.planes) == tuple(planes):
+        return plane_all
+    from cardiac_copilot_ros.planes import match_view
+
+    lut = np.full(len(planes), -1, np.int64)
+    for i, name in enumerate(planes):
+        try:
+            lut[i] = list(model.planes).index(match_view(name, model.planes))
+        except ValueError:
+            pass
+    missing = [planes[i] for i in np.unique(plane) if lut[i] < 0]
+    if missing:
+        raise EvaluationError(f"{model.name} was trained on the views {', '.join(model.planes)}; the data's frames "
+                              f"also show {', '.join(missing)} (evaluate on a cache of its views)")
+    return np.maximum(lut[np.asarray(plane_all, np.int64)], 0)
+
+
 def evaluate(models: Sequence[EvalModel], cache_dir: str | Path, split: str = "test", batch_size: int = 64,
              device: str = "cpu", baseline: str | None = None, allow_overlap: bool = False,
              fig_bins: int = 8, fig_min_count: int = 10, progress: bool = True,
@@ -418,7 +443,8 @@ def evaluate(models: Sequence[EvalModel], cache_dir: str | Path, split: str = "t
     timings: dict[str, float] = {}
     for m in models:
         t0 = time.perf_counter()
-        for entry, pred in predict(m, images, plane_all, indices, batch_size, device, progress).items():
+        for entry, pred in predict(m, images, model_planes(m, planes, plane_all, plane), indices, batch_size,
+                                   device, progress).items():
             if not np.isfinite(pred).all():
                 raise EvaluationError(f"{entry}: non-finite predictions")
             errors[entry] = abs_errors(pred, gt)

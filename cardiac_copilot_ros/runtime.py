@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from . import images
-from .planes import PLANE_NAMES, parse_plane
+from .planes import match_view, parse_plane
 
 PACKAGE = "cardiac_copilot_ros"
 #: File name of the default bundle in the package's ``models/`` directory.
@@ -227,15 +227,18 @@ class GuidanceRuntime:
         self._roi = normalize_roi(roi)
 
     def plane_name(self, plane: str | int) -> str:
-        """Canonical name of ``plane`` (any spelling); ValueError naming the bundle's planes."""
+        """The model's name of view ``plane`` (any spelling or alias, or an index into the
+        model's views); ValueError naming the model's views otherwise."""
+        try:
+            return match_view(plane, self.planes)
+        except ValueError:
+            pass
         try:
             name = parse_plane(plane).name
-        except ValueError as exc:
-            raise ValueError(f"{exc} (this model: {', '.join(self.planes)})") from None
-        if name not in self._plane_index:
-            raise ValueError(f"plane {name} is not in the model {self.path.name}; "
-                             f"valid planes: {', '.join(self.planes)}")
-        return name
+        except ValueError:
+            name = str(plane)
+        raise ValueError(f"plane {name} is not a view of the model {self.path.name}; "
+                         f"valid planes: {', '.join(self.planes)}") from None
 
     # -- inference ----------------------------------------------------------------------
 
@@ -243,18 +246,19 @@ class GuidanceRuntime:
         """Frame -> (H, W) float32 in [0, 1] at the input size; :class:`FrameError` on bad input."""
         return preprocess_frame(frame, self.input_size, self._roi)
 
-    def predict(self, frame: np.ndarray, plane: str | int = PLANE_NAMES[0],
+    def predict(self, frame: np.ndarray, plane: str | int | None = None,
                 refine: bool | None = None) -> Prediction:
         """Predict the action for one frame.
 
-        ``frame``: (H, W) uint8 (or any array :func:`to_gray` accepts). ``refine``: apply the
+        ``frame``: (H, W) uint8 (or any array :func:`to_gray` accepts). ``plane``: a view of
+        the model (default its first). ``refine``: apply the
         Dreamer refinement (default: when the bundle has a Dreamer). Raises :class:`FrameError`
         for a bad frame, ValueError for an unknown plane, :class:`InferenceError` when the
         model fails or returns a non-finite action.
         """
         torch = self._torch
         t0 = time.perf_counter()
-        name = self.plane_name(plane)
+        name = self.plane_name(self.planes[0] if plane is None else plane)
         refined = self.has_dreamer if refine is None else bool(refine) and self.has_dreamer
         x = self.preprocess(frame)
         t1 = time.perf_counter()

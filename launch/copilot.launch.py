@@ -28,7 +28,8 @@ def generate_launch_description() -> LaunchDescription:
     args = [
         DeclareLaunchArgument("model", default_value="",
                               description="model bundle (.pt/.pt2); empty = the package's models/default.pt"),
-        DeclareLaunchArgument("target_plane", default_value="PLAX", description="PLAX, PSAX-AV or PSAX-MV"),
+        DeclareLaunchArgument("target_plane", default_value="PLAX",
+                              description="a view of the model (default model: PLAX, PSAX-AV, PSAX-MV; sim: +A4C)"),
         DeclareLaunchArgument("use_dreamer", default_value="true",
                               description="refine guidance with the Cardiac Dreamer world model"),
         DeclareLaunchArgument("image_topic", default_value="/us/image", description="ultrasound image topic"),

@@ -62,8 +62,9 @@ def test_arguments() -> None:
     assert args.planes == ["PLAX", "PSAX-AV"]
     assert dict(args.servo_params) == {"gain_linear": 2.0, "converge_latch": True}
     assert args.oracle is False and args.episodes == 2 and args.time_limit_s == 30.0
+    assert _parse(["--planes", "a4c"]).planes == ["A4C"]    # the simulator's apical view
     with pytest.raises(SystemExit):
-        _parse(["--planes", "A4C"])
+        _parse(["--planes", "A2C"])                         # not simulated
 
 
 def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

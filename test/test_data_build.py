@@ -141,8 +141,9 @@ def test_skips_are_counted_and_demonstrations_split(tmp_path):
     demo = np.load(tmp_path / "cache" / "demo.npy")
     plane = np.load(tmp_path / "cache" / "plane.npy")
     assert np.array_equal(demo, (stamps_s > ends[0]).astype(int))
-    assert np.array_equal(plane, np.where(stamps_s > ends[0], 2, 0))
-    assert [d["plane"] for d in m["demos"]] == [0, 2]
+    assert m["planes"] == ["PLAX", "PSAX-MV"]   # the views found; the plane column indexes them
+    assert np.array_equal(plane, np.where(stamps_s > ends[0], 1, 0))
+    assert [d["plane"] for d in m["demos"]] == [0, 1]
     # the actions at the annotation instants are ~0 (the probe is at the target)
     actions = np.load(tmp_path / "cache" / "actions.npy")
     near = np.abs(stamps_s - 1.5) < 0.02
@@ -195,7 +196,7 @@ def test_topic_resolution(tmp_path):
     ("no_annotation_topic", "no annotation topic"),
     ("no_image_topic", "no image topic"),
     ("poses_elsewhere", "no usable frames.*same clock"),
-    ("no_plane_names", "names a standard plane"),
+    ("no_plane_names", "names a known view"),
     ("corrupt_mcap", "corrupt or unreadable bag"),
     ("corrupt_sqlite", "corrupt or unreadable bag"),
     ("truncated_mcap", "corrupt or unreadable bag"),

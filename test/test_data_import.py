@@ -22,6 +22,7 @@ from cardiac_copilot_ros import bagio, cli
 from cardiac_copilot_ros.data.build import BuildOptions, DatasetError, build_cache
 from cardiac_copilot_ros.data.calibration import CalibrationError, calibration_from_tf, static_transforms
 from cardiac_copilot_ros.data.synthetic import NS, SyntheticScan, trajectory_pose, write_synthetic_bag
+from cardiac_copilot_ros.planes import VIEWS_ENV
 
 RATE_HZ = 10.0
 N_FRAMES = 40
@@ -283,7 +284,8 @@ def _edit(path: Path, line: int, col: str, value: str) -> None:
     ("qw", "0.2", r"p02/scan1/poses.csv:7: quaternion .* has norm"),
     ("t", "0.1", r"p02/scan1/poses.csv:7: t 0.1 s is not after the previous row's 0.4 s"),
     ("frame", "missing.png", r"p02/scan1/poses.csv:7: image 'missing.png' not found"),
-    ("plane", "A4C", r"p02/scan1/poses.csv:7: plane 'A4C' is not a known view \(known: PLAX, PSAX-AV, PSAX-MV\)"),
+    ("plane", "A6C", r"p02/scan1/poses.csv:7: plane 'A6C' is not a known view \(known: PLAX, PSAX-AV, PSAX-MV, A4C,"
+                     r".*; add views with --views FILE\)"),
 ])
 def test_bad_rows_are_one_clear_line_and_nothing_is_written(tmp_path, capsys, col, value, match):
     src = write_folder(tmp_path / "in")
@@ -367,12 +369,28 @@ def test_poses_once_per_frame_with_an_offset(tmp_path, capsys):
     assert m["totals"]["frames"] >= m["totals"]["images_read"] - 1  # only the frame before the first pose
 
 
-def test_view_outside_the_paper_planes_is_one_clear_line(tmp_path, capsys):
-    """A4C (issue 15 item 1 is not in yet): dataset build says which views it knows, exit 1."""
-    write_synthetic_bag(tmp_path / "bag", SyntheticScan(annotations=((1.5, "A4C"),), seed=24))
+def test_view_outside_the_paper_planes_builds(tmp_path, capsys):
+    """A4C (any spelling) is a view: the cache records it as its only view."""
+    write_synthetic_bag(tmp_path / "bag", SyntheticScan(annotations=((1.5, "apical 4 chamber"),), seed=24))
+    rc, err = run_cli(["dataset", "build", tmp_path / "bag", "--out", tmp_path / "cache", "--quiet"], capsys)
+    assert rc == 0, err
+    m = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert m["planes"] == ["A4C"] and m["demos"][0]["plane"] == 0
+
+
+def test_unknown_view_is_one_clear_line_and_views_file_fixes_it(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv(VIEWS_ENV, "")   # --views exports the file to the environment: undone after the test
+    write_synthetic_bag(tmp_path / "bag", SyntheticScan(annotations=((1.5, "RVF4C"),), seed=24))
     rc, err = run_cli(["dataset", "build", tmp_path / "bag", "--out", tmp_path / "cache", "--quiet"], capsys)
     assert rc == 1 and len(err.strip().splitlines()) == 1
-    assert "names a standard plane (PLAX, PSAX-AV, PSAX-MV); got ['A4C']" in err
+    assert "names a known view (PLAX, PSAX-AV, PSAX-MV, A4C," in err and "--views FILE" in err
+    assert "got ['RVF4C']" in err
+    views = tmp_path / "views.yaml"
+    views.write_text("views:\n  - name: A4C-RV\n    aliases: [RVF4C]\n")
+    rc, err = run_cli(["dataset", "build", tmp_path / "bag", "--out", tmp_path / "cache", "--quiet",
+                       "--views", views], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["planes"] == ["A4C-RV"]
 
 
 def test_calibration_error_from_bag_is_a_dataset_error(tmp_path):

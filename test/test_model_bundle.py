@@ -92,6 +92,10 @@ def test_incompatible_metadata_is_rejected(tmp_path, ts_bundle):
     with pytest.raises(BundleError, match="future.pt.*version"):
         load_bundle(rewrite("future.pt", {"format_version": 99}))
     with pytest.raises(BundleError, match="planes.pt.*planes"):
-        load_bundle(rewrite("planes.pt", {"planes": ["A4C", "PLAX"]}))
+        load_bundle(rewrite("planes.pt", {"planes": ["PLAX", "plax"]}))   # not distinct
+    with pytest.raises(BundleError, match="planes2.pt.*planes"):
+        load_bundle(rewrite("planes2.pt", {"planes": []}))
+    # any list of distinct views loads (views are data; user views need not be known here)
+    assert load_bundle(rewrite("views.pt", {"planes": ["A4C", "PLAX", "MY-VIEW"]})).planes == ("A4C", "PLAX", "MY-VIEW")
     with pytest.raises(BundleError, match="euler.pt.*Euler"):
         load_bundle(rewrite("euler.pt", {"euler_axes": "rzyx"}))

@@ -113,8 +113,8 @@ def test_live_simulation(tmp_path):
         d, r = pose_error(_pose_mm(poses[-1]), subject.target_pose("PLAX"))
         assert d < 0.01 and r < 0.01
         np.testing.assert_allclose(_pose_mm(targets[-1]), subject.target_pose("PLAX"), atol=1e-3)
-        bad = _set_params(node, "scanner_sim_node", [Parameter("target_plane", Parameter.Type.STRING, "A4C")])
-        assert not bad[0].successful and "A4C" in bad[0].reason
+        bad = _set_params(node, "scanner_sim_node", [Parameter("target_plane", Parameter.Type.STRING, "A2C")])
+        assert not bad[0].successful and "no A2C view; simulated views: PLAX, PSAX-AV, PSAX-MV, A4C" in bad[0].reason
         bad = _set_params(node, "scanner_sim_node", [
             Parameter("start_offset", Parameter.Type.DOUBLE_ARRAY, [1.0, 2.0])])
         assert not bad[0].successful

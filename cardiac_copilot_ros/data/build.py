@@ -39,7 +39,7 @@ import numpy as np
 
 from .. import bagio, code_version
 from ..images import ImageFormatError, compressed_msg_to_gray, image_msg_to_array, resize_gray, to_gray_u8
-from ..planes import PLANE_NAMES, UnknownPlaneError, parse_plane
+from ..planes import UnknownPlaneError, parse_plane, view_names
 from ..pose import ACTION_AXES, ACTION_UNITS, interpolate_poses, pose_to_matrix, relative_action
 from .calibration import (
     TF_MESSAGE_TYPE,
@@ -396,8 +396,9 @@ def _read_bag(bag: Path, opts: BuildOptions, chunk_path: Path) -> dict[str, Any]
         except UnknownPlaneError:
             ignored.append({"time_ns": t, "text": text, "reason": "not a plane name"})
     if not ann_ns:
-        raise DatasetError(f"{bag}: no annotation on {ann_topic} names a standard plane "
-                           f"({', '.join(PLANE_NAMES)}); got {sorted({a[1] for a in anns})[:5]}")
+        raise DatasetError(f"{bag}: no annotation on {ann_topic} names a known view "
+                           f"({', '.join(view_names())}; add views with --views FILE); "
+                           f"got {sorted({a[1] for a in anns})[:5]}")
     a_ns = np.asarray(ann_ns, dtype=np.int64)
     tpos, tquat, tvalid = interpolate_poses(a_ns, ps, pv[:, :3], pv[:, 3:], max_gap_ns=gap_ns)
     # outside the pose stream: the nearest pose (which interpolate_poses holds) within the tolerance
@@ -717,6 +718,13 @@ def _build_into(tmp: Path, bags: list[Path], opts: BuildOptions, forced: dict[st
     targets: list[np.ndarray] = []
     at = 0
     bag_entries = []
+    # the views found, in registry order; the cache's plane column indexes this list
+    found = sorted({int(d["plane"]) for r in results for d in r["demos"]})
+    plane_names = [parse_plane(i).name for i in found]
+    local = {g: i for i, g in enumerate(found)}
+    for r in results:
+        r["demos"] = [{**d, "plane": local[int(d["plane"])]} for d in r["demos"]]
+        r["_plane"] = np.asarray([local[int(g)] for g in r["_plane"]], dtype=np.int64).reshape(-1)
     for scan_id, r in enumerate(results):
         n = r["frames_kept"]
         chunk = np.load(r["_chunk"], mmap_mode="r")
@@ -752,7 +760,7 @@ def _build_into(tmp: Path, bags: list[Path], opts: BuildOptions, forced: dict[st
     train_actions = arrays["actions"][frame_split == "train"].astype(np.float64)
     std = train_actions.std(axis=0)
     per_split = {k: int((frame_split == k).sum()) for k in SPLITS}
-    plane_counts = {PLANE_NAMES[p]: int((arrays["plane"] == p).sum()) for p in range(len(PLANE_NAMES))}
+    plane_counts = {name: int((arrays["plane"] == p).sum()) for p, name in enumerate(plane_names)}
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -774,7 +782,7 @@ def _build_into(tmp: Path, bags: list[Path], opts: BuildOptions, forced: dict[st
         "totals": {"frames": total, "images_read": sum(r["frames_read"] for r in results),
                    "bags": len(results), "bags_skipped": len(failed), "scans": len(results),
                    "demos": len(demos), "subjects": len(subjects), "skips": skips},
-        "planes": list(PLANE_NAMES),
+        "planes": plane_names,
         "plane_frames": plane_counts,
         "subjects": subject_index,
         "splits": splits,

@@ -74,6 +74,21 @@ class ProbeCalibration:
         return matrix_to_pose(T)
 
 
+def tf_static_cdr(calib: ProbeCalibration, stamp_ns: int) -> bytes:
+    """A serialized ``tf2_msgs/TFMessage`` holding the calibration (for a bag's ``/tf_static``)."""
+    from ..bagio import TYPESTORE, ns_to_stamp
+
+    T = TYPESTORE.types
+    t, q = calib.translation_m, calib.quaternion_xyzw
+    tf = T["geometry_msgs/msg/TransformStamped"](
+        header=T["std_msgs/msg/Header"](stamp=ns_to_stamp(int(stamp_ns)), frame_id=calib.parent_frame),
+        child_frame_id=calib.child_frame,
+        transform=T["geometry_msgs/msg/Transform"](
+            translation=T["geometry_msgs/msg/Vector3"](x=t[0], y=t[1], z=t[2]),
+            rotation=T["geometry_msgs/msg/Quaternion"](x=q[0], y=q[1], z=q[2], w=q[3])))
+    return bytes(TYPESTORE.serialize_cdr(T[TF_MESSAGE_TYPE](transforms=[tf]), TF_MESSAGE_TYPE))
+
+
 def make_calibration(parent: str, child: str, translation: Sequence[float], quaternion: Sequence[float],
                      source: str, where: str = "") -> ProbeCalibration:
     """Validated calibration (finite numbers, quaternion of norm 1 within 1e-3, |t| <= 1 m)."""

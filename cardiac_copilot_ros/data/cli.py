@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import bagio
+from ..planes import ViewsFileError, use_views_files
 
 #: Exit code for bad input / failed builds.
 EXIT_ERROR = 1
@@ -75,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     b.add_argument("--workers", type=int, default=1, help="processes decoding bags in parallel (default 1)")
     b.add_argument("--skip-bad-bags", action="store_true",
                    help="skip (and record) unreadable bags or bags without the topics instead of failing")
+    b.add_argument("--views", action="append", default=None, metavar="YAML",
+                   help="user views file adding views / aliases to the built-in list (docs/DATA.md, "
+                        "'Views'); repeatable")
     b.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     i = sub.add_parser("info", help="summary of a training cache")
     i.add_argument("cache", type=Path, metavar="DIR")
@@ -169,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
             print(format_summary(load_manifest(args.cache), args.cache))
             return 0
+        use_views_files(args.views)
         opts = BuildOptions(image_topic=args.image_topic, pose_topic=args.pose_topic,
                             annotation_topic=args.annotation_topic, size=args.size, crop=args.crop,
                             max_pose_gap_ms=args.max_pose_gap_ms, hold_ms=args.hold_ms,
@@ -185,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
             print(format_summary(manifest, args.out))
             print(f"\nwrote {args.out} in {time.perf_counter() - t0:.1f} s")
         return 0
-    except DatasetError as exc:
+    except (DatasetError, ViewsFileError) as exc:
         print(f"cardiac-copilot dataset {args.action}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:

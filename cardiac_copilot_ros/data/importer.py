@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from .. import bagio, code_version
-from ..planes import PLANE_NAMES, UnknownPlaneError, parse_plane
+from ..planes import UnknownPlaneError, ViewsFileError, parse_plane, use_views_files, view_names
 from .calibration import TF_MESSAGE_TYPE, TF_STATIC_TOPIC, CalibrationError, ProbeCalibration, load_calibration
 
 #: Exit code for bad input.
@@ -112,11 +112,8 @@ def euler_axes(axes: str) -> tuple[int, int, int]:
 
 
 def canonical_view(text: str) -> str:
-    """The canonical name of a confirmed view, or :class:`UnknownPlaneError`.
-
-    Today the views are the paper's three planes (planes.py); when views become data (issue 15,
-    item 1) this is the one place the importer asks.
-    """
+    """The canonical name of a confirmed view (any spelling or alias of a view of
+    :mod:`cardiac_copilot_ros.planes`, user views included), or :class:`UnknownPlaneError`."""
     return parse_plane(text).name
 
 
@@ -260,8 +257,8 @@ def read_table(scan: Scan, opts: ImportOptions) -> Scan:
                 view = canonical_view(view)
             except UnknownPlaneError:
                 raise ImportDataError(f"{where}: plane {view!r} is not a known view (known: "
-                                      f"{', '.join(PLANE_NAMES)}); leave it empty on rows without a "
-                                      "confirmed view") from None
+                                      f"{', '.join(view_names())}; add views with --views FILE); leave it "
+                                      "empty on rows without a confirmed view") from None
         scan.lines.append(line)
         scan.frames.append(frame)
         scan.stamp_ns.append(t_ns)
@@ -272,7 +269,7 @@ def read_table(scan: Scan, opts: ImportOptions) -> Scan:
         raise ImportDataError(f"{path}: no rows")
     if not any(scan.views):
         raise ImportDataError(f"{path}: no row names a confirmed view in column plane ("
-                              f"{', '.join(PLANE_NAMES)}); dataset build needs at least one per scan")
+                              f"{', '.join(view_names())}); dataset build needs at least one per scan")
     scan.positions_m = np.asarray(pos, dtype=np.float64)
     scan.quats_xyzw = np.asarray(quat, dtype=np.float64)
     if max(scan.stamp_ns) < RELATIVE_BELOW_S * 1_000_000_000:  # times from the scan start: give them a date
@@ -470,10 +467,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", choices=sorted(bagio.STORAGES), default="mcap", help="bag storage (mcap)")
     parser.add_argument("--table", default=POSES_CSV, metavar="NAME",
                         help="name of the pose table in each scan folder (default %(default)s)")
+    parser.add_argument("--views", action="append", default=None, metavar="YAML",
+                        help="user views file adding views / aliases to the built-in list (docs/DATA.md, "
+                             "'Views'); repeatable")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        use_views_files(getattr(args, "views", None))
+    except ViewsFileError as exc:
+        print(f"cardiac-copilot import: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
     opts = ImportOptions(position_unit=args.position_unit, euler=args.euler, angle_unit=args.angle_unit,
                          fps=args.fps, probe_calibration=args.probe_calibration, base_frame=args.base_frame,
                          image_frame=args.image_frame, storage=args.storage, table=args.table)

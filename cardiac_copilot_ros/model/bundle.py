@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from cardiac_copilot_ros import code_version, pose
-from cardiac_copilot_ros.planes import PLANE_NAMES
+from cardiac_copilot_ros.planes import PLANE_NAMES, plane_key
 
 FORMAT = "cardiac_copilot_bundle"
 FORMAT_VERSION = 1
@@ -105,11 +105,14 @@ def build_metadata(model: nn.Module, input_size: tuple[int, int], *,
                    ) -> dict[str, Any]:
     """Metadata for a :class:`~cardiac_copilot_ros.model.policy.GuidanceModel`."""
     h, w = (int(v) for v in input_size)
+    # the model's views (set by training from the dataset); older models: the paper planes
+    planes = [str(p) for p in (getattr(model, "plane_names", None)
+                               or PLANE_NAMES[: int(getattr(model, "n_planes", len(PLANE_NAMES)))])]
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "planes": list(PLANE_NAMES[: int(getattr(model, "n_planes", len(PLANE_NAMES)))]),
-        "plane_indices": {name: i for i, name in enumerate(PLANE_NAMES)},
+        "planes": list(planes),
+        "plane_indices": {name: i for i, name in enumerate(planes)},
         "input_size": [h, w],
         "input": {
             "shape": ["B", 1, h, w], "dtype": "float32", "range": [0.0, 1.0],
@@ -150,10 +153,12 @@ def validate_metadata(meta: Any, path: Path | str) -> dict[str, Any]:
         raise BundleError(f"{path}: bundle format version {version!r} is not supported by this code "
                           f"(supports 1..{FORMAT_VERSION}); update cardiac_copilot_ros or re-export")
     planes = meta["planes"]
-    if (not isinstance(planes, list) or not planes or len(planes) > len(PLANE_NAMES)
-            or list(PLANE_NAMES[: len(planes)]) != planes):
-        raise BundleError(f"{path}: bundle planes {planes!r} do not match this code's planes "
-                          f"{list(PLANE_NAMES)} (same names in the same index order)")
+    # any list of distinct view names (the model's plane query indexes it); they need not be
+    # views known to this code (user views travel with the bundle)
+    if (not isinstance(planes, list) or not planes
+            or not all(isinstance(p, str) and p.strip() for p in planes)
+            or len({plane_key(p) for p in planes}) != len(planes)):
+        raise BundleError(f"{path}: bundle planes {planes!r} must be a non-empty list of distinct view names")
     size = meta["input_size"]
     if (not isinstance(size, list) or len(size) != 2
             or not all(isinstance(v, int) and v > 0 for v in size)):

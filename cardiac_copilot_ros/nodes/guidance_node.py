@@ -44,7 +44,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from .. import images
 from .. import pose as pose_alg
-from ..planes import PLANE_NAMES, parse_plane
+from ..planes import PLANE_NAMES
 from ..runtime import (
     MODEL_HINT,
     FrameError,
@@ -253,6 +253,7 @@ class GuidanceNode(Node):
         self._base_frame = gp("base_frame").value
         self._probe_frame = gp("probe_frame").value
         self._target_frame = gp("target_frame").value
+        self._calib_mm, self._pose_frame = self._load_calibration(gp("probe_calibration").value)
         self._max_pose_age_s = float(gp("max_pose_age_s").value)
         self._marker_lifetime_s = float(gp("marker_lifetime_s").value)
         self._plane_size_m = [float(v) for v in gp("plane_size_m").value]
@@ -262,10 +263,6 @@ class GuidanceNode(Node):
                 raise StartupError(f"parameter {name}={gp(name).value!r} is invalid; "
                                    f"choose one of {', '.join(allowed)}")
 
-        try:
-            parse_plane(gp("target_plane").value)
-        except ValueError as exc:
-            raise StartupError(f"parameter target_plane: {exc}") from None
         self._pose_source = gp("pose_source").value
         self._tf2_ros = self._import_tf2_ros()
         self.runtime = self._load_runtime()
@@ -351,8 +348,10 @@ class GuidanceNode(Node):
         d("device", "auto", _descr("inference device", True, "auto (CUDA when present) | cpu | cuda"))
         d("num_threads", 0, _descr("torch intra-op threads; 0 = number of cores - 1 (at least 1)", True,
                                    integer_range=_int_range(0, 256)))
-        d("target_plane", PLANE_NAMES[0], _descr("standard plane to guide to; changeable at run time",
-                                                 constraints=" | ".join(PLANE_NAMES)))
+        d("target_plane", PLANE_NAMES[0], _descr("view to guide to, any view of the loaded model (its "
+                                                 "metadata 'planes'); changeable at run time",
+                                                 constraints="a view of the model (default model: "
+                                                             + " | ".join(PLANE_NAMES) + ")"))
         d("use_dreamer", True, _descr("refine the action with the Cardiac Dreamer world model; "
                                       "changeable at run time"))
         d("crop_roi", [0, 0, 0, 0], _descr("crop [x, y, w, h] in pixels before resizing; 0s = full frame, "
@@ -372,6 +371,10 @@ class GuidanceNode(Node):
         d("target_frame", "us_probe_target", _descr("TF child frame broadcast for the predicted target "
                                                     "probe pose", True))
         d("publish_tf", True, _descr("broadcast target_frame on TF (needs tf2_ros)", True))
+        d("probe_calibration", "", _descr("probe calibration YAML (docs/DATA.md: parent_frame = the tool frame "
+                                          "whose pose probe_pose / TF gives, child_frame = the image frame, "
+                                          "translation_m, quaternion_xyzw); the image frame's pose = tool pose "
+                                          "x calibration. Empty: poses are the image frame's", True))
         d("pose_source", "topic", _descr("probe pose from the probe_pose topic or a TF lookup "
                                          "base_frame -> probe_frame (needs tf2_ros)", True, "topic | tf"))
         d("max_pose_age_s", 0.1, _descr("largest time [s] between the image stamp and the probe pose used "
@@ -549,6 +552,23 @@ class GuidanceNode(Node):
 
     # -- probe pose at an image stamp -------------------------------------------------------
 
+    def _load_calibration(self, path: str) -> tuple[np.ndarray | None, str]:
+        """(tool <- image matrix in mm or None, frame whose pose the pose source gives)."""
+        if not path:
+            return None, self._probe_frame
+        from ..data.calibration import CalibrationError, load_calibration
+
+        try:
+            calib = load_calibration(path)
+        except CalibrationError as exc:
+            raise StartupError(f"parameter probe_calibration: {exc}") from None
+        if calib.child_frame != self._probe_frame:
+            self.get_logger().warning(f"probe_calibration child_frame {calib.child_frame!r} is not probe_frame "
+                                      f"{self._probe_frame!r}: guidance is in the calibration's image frame")
+        self.get_logger().info(f"probe calibration {calib.parent_frame} <- {calib.child_frame} from {path}: "
+                               f"poses are the tool's, image pose = tool pose x calibration")
+        return calib.matrix_mm(), calib.parent_frame
+
     def _probe_pose_at(self, stamp_ns: int) -> tuple[np.ndarray | None, str]:
         """Probe pose (4x4 mm, base_frame) at ``stamp_ns``, or (None, why)."""
         max_age_ns = int(self._max_pose_age_s * 1e9)
@@ -580,12 +600,12 @@ class GuidanceNode(Node):
         from rclpy.time import Time
 
         try:
-            tf = self._tf_buffer.lookup_transform(self._base_frame, self._probe_frame, Time(nanoseconds=stamp_ns))
+            tf = self._tf_buffer.lookup_transform(self._base_frame, self._pose_frame, Time(nanoseconds=stamp_ns))
         except Exception:
             try:
-                tf = self._tf_buffer.lookup_transform(self._base_frame, self._probe_frame, Time())
+                tf = self._tf_buffer.lookup_transform(self._base_frame, self._pose_frame, Time())
             except Exception as exc:
-                return None, f"no TF {self._base_frame} -> {self._probe_frame}: {exc}"
+                return None, f"no TF {self._base_frame} -> {self._pose_frame}: {exc}"
         age_ns = abs(conv.stamp_to_ns(tf.header.stamp) - stamp_ns)
         if age_ns > max_age_ns:
             return None, f"TF probe pose is {age_ns / 1e9:.3f} s from the image"
@@ -632,6 +652,8 @@ class GuidanceNode(Node):
             self._stats.inference_ms.append(pred.timings_ms["total"])
 
         T_probe, why = self._probe_pose_at(stamp_ns)
+        if T_probe is not None and self._calib_mm is not None:
+            T_probe = T_probe @ self._calib_mm   # tool pose -> image-frame pose (probe_calibration)
         if T_probe is None:
             self._stats.add("stale_poses")
             log.warning(f"no target_pose: {why}", throttle_duration_sec=THROTTLE_S * 5)

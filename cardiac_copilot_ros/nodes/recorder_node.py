@@ -47,9 +47,11 @@ from .lifecycle import spin_node
 
 #: Parameters that only take effect at the next episode (the others apply at once).
 _READ_ONLY = ("image_topics", "pose_topic", "annotation_topic", "sync_topic", "image_qos_reliability",
-              "image_qos_depth", "pose_qos_depth", "max_queue_mb")
+              "image_qos_depth", "pose_qos_depth", "max_queue_mb", "probe_calibration")
 #: Parameters never written to bag metadata (a path may carry names).
-_NOT_IN_METADATA = ("output_dir",)
+_NOT_IN_METADATA = ("output_dir", "probe_calibration")
+#: Static transforms (probe calibration): kept in every episode bag.
+TF_STATIC = "/tf_static"
 
 
 def _float_range(lo: float, hi: float) -> list[FloatingPointRange]:
@@ -110,6 +112,8 @@ class RecorderNode(Node):
                                           lambda topic: self._on_pose)
         self.annotation_topic = self._subscribe(p["annotation_topic"], String, ann_qos,
                                                 lambda topic: self._make_plain_cb(topic))
+        self._static_tf: list[bytes] = []
+        self._init_tf_static(p["probe_calibration"])
         self.image_topics = [t for t, ty in self._types.items() if ty.startswith("sensor_msgs")]
         # Warm up what an episode start needs (message definitions, code version) now: doing it
         # at the first start would hold the GIL long enough to overflow subscription queues.
@@ -178,6 +182,8 @@ class RecorderNode(Node):
             ("max_queue_mb", 512.0, D, "writer queue bound; overflow is counted as dropped [MiB]",
              _float_range(1.0, 65536.0)),
             ("diagnostics_period_s", 1.0, D, "period of /diagnostics [s]", _float_range(0.1, 60.0)),
+            ("probe_calibration", "", S, "probe calibration YAML (as dataset build --probe-calibration): "
+             "written to every episode's /tf_static; empty = none", None),
         ]
         self._param_names = [s[0] for s in specs]
         for name, default, ptype, text, rng in specs:
@@ -289,6 +295,37 @@ class RecorderNode(Node):
                 self.recorder.submit(topic, now, data)
         return cb
 
+    def _init_tf_static(self, calib_path: str) -> None:
+        """/tf_static in every episode: the probe_calibration (if given) and the latched static
+        transforms other nodes publish (needs tf2_msgs), all written again at each episode start."""
+        if calib_path:
+            from ..data.calibration import CalibrationError, load_calibration, tf_static_cdr
+
+            try:
+                calib = load_calibration(calib_path)
+            except CalibrationError as exc:
+                raise ValueError(f"probe_calibration: {exc}") from None
+            self._static_tf.append(tf_static_cdr(calib, self.get_clock().now().nanoseconds))
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=100, reliability=ReliabilityPolicy.RELIABLE,
+                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+        try:
+            from tf2_msgs.msg import TFMessage
+        except ImportError:
+            self.get_logger().info("tf2_msgs is not installed: other nodes' /tf_static is not recorded")
+            if self._static_tf:
+                self._types[TF_STATIC] = "tf2_msgs/msg/TFMessage"
+                self._sub_qos[TF_STATIC] = qos
+            return
+        self._subscribe(TF_STATIC, TFMessage, qos, lambda topic: self._on_tf_static)
+
+    def _on_tf_static(self, data: bytes) -> None:
+        self._received[TF_STATIC] += 1
+        data = bytes(data)
+        if data not in self._static_tf:
+            self._static_tf.append(data)
+        if self.recorder.recording:
+            self.recorder.submit(TF_STATIC, self.get_clock().now().nanoseconds, data)
+
     def _on_pose(self, data: bytes) -> None:
         now = self.get_clock().now().nanoseconds
         topic = self.pose_topic
@@ -374,6 +411,10 @@ class RecorderNode(Node):
         ok, msg = self.recorder.start_episode(self._topic_specs(), custom)
         if not ok:
             self.get_logger().error(f"episode not started: {msg}")
+        else:
+            now = self.get_clock().now().nanoseconds
+            for data in list(self._static_tf):   # static transforms latched before this episode
+                self.recorder.submit(TF_STATIC, now, data)
         return ok, msg
 
     def stop_episode(self, reason: str = "requested") -> tuple[bool, str]:

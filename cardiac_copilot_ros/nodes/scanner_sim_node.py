@@ -62,6 +62,13 @@ def _frange(lo: float, hi: float) -> list[FloatingPointRange]:
     return [FloatingPointRange(from_value=lo, to_value=hi)]
 
 
+def _sim_plane(value: str) -> str:
+    """Canonical name of a view the simulator has; ValueError listing the simulated views."""
+    from ..sim.phantom import sim_view
+
+    return sim_view(parse_plane(value))
+
+
 class ScannerSimNode(Node):
     """Simulated probe on a simulated subject, publishing like the real hardware."""
 
@@ -73,7 +80,7 @@ class ScannerSimNode(Node):
             read_only=True, integer_range=[IntegerRange(from_value=0, to_value=2**31 - 1, step=1)]))
         self.declare_parameter("target_plane", "PLAX", P(
             description="Standard plane whose true target is published and that start_offset and "
-                        "~/reset refer to: PLAX, PSAX-AV, PSAX-MV (changeable at run time)."))
+                        "~/reset refer to: PLAX, PSAX-AV, PSAX-MV or A4C (changeable at run time)."))
         self.declare_parameter("image_rate_hz", 30.0, P(
             description="Image rate [Hz] (read-only).", read_only=True, floating_point_range=_frange(1.0, 200.0)))
         self.declare_parameter("pose_rate_hz", 250.0, P(
@@ -114,7 +121,7 @@ class ScannerSimNode(Node):
 
         gp = self.get_parameter
         try:
-            self._plane = parse_plane(gp("target_plane").value).name
+            self._plane = _sim_plane(gp("target_plane").value)
         except UnknownPlaneError as exc:
             raise ValueError(str(exc)) from exc
         self._offset = self._check_offset(gp("start_offset").value)
@@ -193,7 +200,7 @@ class ScannerSimNode(Node):
         for p in params:
             try:
                 if p.name == "target_plane":
-                    updates[p.name] = parse_plane(p.value).name
+                    updates[p.name] = _sim_plane(p.value)
                 elif p.name == "start_offset":
                     updates[p.name] = self._check_offset(p.value)
                 elif p.name in ("cmd_timeout_s", "max_linear_speed_mps", "max_angular_speed_rps"):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..planes import PLANE_NAMES, parse_plane
+from ..planes import PLANE_NAMES
+from .phantom import SIM_VIEWS, sim_view
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,18 +29,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames-per-scan", type=int, default=1500, metavar="F",
                         help="images per scan at 30 Hz (default 1500, like the paper's scans)")
     parser.add_argument("--image-size", type=int, default=224, metavar="PX", help="square image side (224)")
-    parser.add_argument("--planes", nargs="+", default=None, metavar="PLANE",
-                        help=f"planes to scan (default all: {' '.join(PLANE_NAMES)})")
+    parser.add_argument("--planes", "--plane", nargs="+", default=None, metavar="PLANE",
+                        help=f"views to scan (default the paper's planes: {' '.join(PLANE_NAMES)}; "
+                             f"simulated views: {' '.join(SIM_VIEWS)})")
     parser.add_argument("--storage", choices=["mcap", "sqlite3"], default="mcap", help="bag storage (mcap)")
     parser.add_argument("--no-heartbeat", action="store_true", help="static heart (no cardiac cycle)")
     parser.add_argument("--preview", type=Path, default=None, metavar="FILE.png",
-                        help="draw the three target planes of a few subjects side by side into FILE.png")
+                        help="draw the target planes (those of --planes, default the paper's three) of a "
+                             "few subjects side by side into FILE.png")
     parser.add_argument("--preview-subjects", type=int, default=4, metavar="N",
                         help="subjects in the preview (default 4)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def write_preview(path: Path, seed: int = 0, n_subjects: int = 4, size: int = 224) -> Path:
+def write_preview(path: Path, seed: int = 0, n_subjects: int = 4, size: int = 224,
+                  planes: list[str] | None = None) -> Path:
     """A PNG grid: one row per subject, one column per plane (image | label overlay)."""
     import cv2
 
@@ -53,7 +57,7 @@ def write_preview(path: Path, seed: int = 0, n_subjects: int = 4, size: int = 22
         s = make_subject(seed + i)
         r = Renderer(s, size=size)
         tiles = []
-        for name in PLANE_NAMES:
+        for name in planes or PLANE_NAMES:
             T = s.target_pose(name)
             img = cv2.cvtColor(r.render(T), cv2.COLOR_GRAY2BGR)
             lab = colors[r.labels(T)]
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         print("simulate: give --out DIR (bags) and/or --preview FILE.png", file=sys.stderr)
         return 2
     try:
-        planes = [parse_plane(p).name for p in args.planes] if args.planes else None
+        planes = [sim_view(p) for p in args.planes] if args.planes else None
     except ValueError as exc:
         print(f"simulate: {exc}", file=sys.stderr)
         return 2
@@ -128,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.preview is not None:
         path = write_preview(args.preview, seed=args.seed, n_subjects=max(1, args.preview_subjects),
-                             size=args.image_size)
+                             size=args.image_size, planes=planes)
         print(f"preview written to {path}")
     if args.out is not None:
         from .scan import write_scans

@@ -22,8 +22,20 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..planes import PLANES, Plane, parse_plane
+from ..planes import PLANE_NAMES, Plane, parse_plane
 from ..pose import euler_to_rotation, invert
+
+#: The views the simulator has target poses for: the paper's three parasternal planes and the
+#: apical four-chamber view (apical window). Simulated data defaults to the paper's three.
+SIM_VIEWS: tuple[str, ...] = (*PLANE_NAMES, "A4C")
+
+
+def sim_view(plane: str | int | Plane) -> str:
+    """Canonical name of a simulated view; ValueError naming the simulated views otherwise."""
+    name = parse_plane(plane).name
+    if name not in SIM_VIEWS:
+        raise ValueError(f"the simulator has no {name} view; simulated views: {', '.join(SIM_VIEWS)}")
+    return name
 
 
 class Label(enum.IntEnum):
@@ -133,12 +145,11 @@ class Subject:
 
     def target_pose(self, plane: str | int | Plane) -> np.ndarray:
         """Target probe pose (4, 4) of a standard plane in the base frame, translation mm."""
-        name = parse_plane(plane).name
-        return self.T_base_heart @ self._targets_heart[name]
+        return self.T_base_heart @ self._targets_heart[sim_view(plane)]
 
     def target_pose_heart(self, plane: str | int | Plane) -> np.ndarray:
         """Target probe pose in the heart frame (mm)."""
-        return self._targets_heart[parse_plane(plane).name].copy()
+        return self._targets_heart[sim_view(plane)].copy()
 
     @property
     def T_heart_base(self) -> np.ndarray:  # noqa: N802 (math name: heart <- base)
@@ -271,7 +282,20 @@ def _target_poses(a: dict, window: dict) -> dict[str, np.ndarray]:
     W_mv = W + 4.0 * _unit(shift)
     mv_focus = np.asarray(a["mv_center"]) + np.array([0.55 * float(a["mv_tip_x"]), 0.0, 0.0])
     out["PSAX-MV"] = _probe_frame(W_mv, mv_focus, e1)
-    assert set(out) == {p.name for p in PLANES}
+    # A4C (apical window): probe on the skin beyond the LV apex, beam back along the long axis
+    # towards the atria; the image plane contains e1 and is turned about it (normal n at 75 deg
+    # from e2 towards e3) and shifted -18 mm (scaled) along n, so it cuts the LV, the RV (beside
+    # the septum) and both atria but not the aorta (searched on the phantom: each chamber
+    # >= ~300 mm^2, no aortic root, i.e. a four- not a five-chamber view).
+    # No chest wall or ribs are drawn at this window (the chest model is the parasternal one).
+    sc = float(a["lv_center"][0] / 38.0)
+    th = np.deg2rad(75.0)
+    n_a4c = np.array([0.0, np.cos(th), np.sin(th)])
+    apex_x = float(a["lv_center"][0] + a["lv_radii"][0] + a["lv_wall"])
+    W_ap = np.array([apex_x + 22.0, 0.0, 0.0]) - 18.0 * sc * n_a4c
+    focus_ap = np.array([-10.0 * sc, 0.0, 0.0]) - 18.0 * sc * n_a4c
+    out["A4C"] = _probe_frame(W_ap, focus_ap, -n_a4c)
+    assert tuple(out) == SIM_VIEWS
     return out
 
 

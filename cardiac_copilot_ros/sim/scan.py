@@ -27,7 +27,7 @@ from .. import bagio, code_version
 from ..planes import PLANE_NAMES, parse_plane
 from ..pose import matrix_to_pose
 from .expert import Demonstration, demonstration
-from .phantom import Subject, make_subject
+from .phantom import Subject, make_subject, sim_view
 from .render import Renderer
 
 INDEX_FORMAT = "cardiac_copilot_sim_index"
@@ -131,7 +131,7 @@ def write_scans(out_dir: str | Path, n_subjects: int, scans_per_plane: int, seed
         raise ValueError("need at least one subject and one scan per plane")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
-    plane_names = [parse_plane(p).name for p in (planes or PLANE_NAMES)]
+    plane_names = [sim_view(p) for p in (planes or PLANE_NAMES)]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     subjects = [make_subject(seed + i) for i in range(n_subjects)]

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from cardiac_copilot_ros import code_version, pose
 from cardiac_copilot_ros.model import torch_pose
 from cardiac_copilot_ros.model.policy import GuidanceModel
+from cardiac_copilot_ros.planes import PLANE_NAMES
 from cardiac_copilot_ros.training.config import TrainConfig
 
 AXES = pose.ACTION_AXES
@@ -159,8 +160,13 @@ def model_args(cfg: TrainConfig) -> dict[str, Any]:
             "dreamer_depth": cfg.dreamer_depth, "dreamer_heads": cfg.dreamer_heads}
 
 
-def build_model(cfg: TrainConfig, mean: np.ndarray, std: np.ndarray) -> GuidanceModel:
-    model = GuidanceModel(weights_path=cfg.weights, **model_args(cfg))
+def build_model(cfg: TrainConfig, mean: np.ndarray, std: np.ndarray,
+                planes: list[str] | None = None) -> GuidanceModel:
+    """The model for ``cfg``; its plane query has one entry per view of ``planes`` (the
+    dataset's views, default the paper's three), whose names it keeps in ``plane_names``."""
+    planes = list(planes) if planes else list(PLANE_NAMES)
+    model = GuidanceModel(weights_path=cfg.weights, **{**model_args(cfg), "n_planes": len(planes)})
+    model.plane_names = planes
     model.set_action_stats(mean, std)
     return model
 
@@ -263,7 +269,8 @@ def save_checkpoint(path: Path, *, model: GuidanceModel, optimizer: torch.optim.
                     best: dict[str, Any] | None, run_dir: Path) -> None:
     state = {
         "format": "cardiac_copilot_checkpoint", "format_version": 1,
-        "model": model.state_dict(), "model_args": model_args(cfg),
+        "model": model.state_dict(), "model_args": {**model_args(cfg), "n_planes": int(model.n_planes)},
+        "planes": list(getattr(model, "plane_names", PLANE_NAMES[: model.n_planes])),
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "step": step, "epoch": epoch, "epoch_step": epoch_step,
@@ -311,6 +318,7 @@ def load_checkpoint(path: str | Path, prefer: str = "best") -> dict[str, Any]:
 def model_from_checkpoint(state: dict[str, Any]) -> GuidanceModel:
     model = GuidanceModel(**state["model_args"])
     model.load_state_dict(state["model"])
+    model.plane_names = list(state.get("planes") or PLANE_NAMES[: model.n_planes])  # old runs: paper planes
     return model.eval()
 
 
@@ -370,8 +378,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
     from cardiac_copilot_ros.data.dataset import action_stats
 
     mean, std = action_stats(cfg.data)
-    model = build_model(cfg, mean, std).to(device)
+    model = build_model(cfg, mean, std, manifest.get("planes")).to(device)
     if state is not None:
+        if list(state.get("planes") or PLANE_NAMES[: model.n_planes]) != model.plane_names:
+            raise ValueError(f"cannot resume {resume}: it was trained on views "
+                             f"{state.get('planes') or list(PLANE_NAMES)}, the data has {model.plane_names}")
         model.load_state_dict(state["model"])
     model.train()
     step_module: torch.nn.Module = TrainStep(model)
