@@ -163,7 +163,7 @@ def load_model(path: str | Path, name: str | None = None, device: str = "cpu",
                          manifest_sha256=meta.get("data_manifest_sha256"), train_data=train_data,
                          info={"format": bundle.fmt, "backbone": bundle.backbone, "model": meta.get("model"),
                                "training": meta.get("training")})
-    from cardiac_copilot_ros.training.loop import load_checkpoint, model_from_checkpoint
+    from cardiac_copilot_ros.model.checkpoint import load_checkpoint, model_from_checkpoint
 
     try:
         state = load_checkpoint(path, prefer="best")

@@ -23,7 +23,7 @@ TOLERANCE = 1e-4
 def export_checkpoint(source: str | Path, out: str | Path, fmt: str | None = None, check: bool = True
                       ) -> dict[str, Any]:
     """Export a run folder or checkpoint; returns {path, format, max_abs_diff, meta}."""
-    from cardiac_copilot_ros.training.loop import load_checkpoint, model_from_checkpoint
+    from cardiac_copilot_ros.model.checkpoint import load_checkpoint, model_from_checkpoint
 
     state = load_checkpoint(source, prefer="best")
     model = model_from_checkpoint(state)
