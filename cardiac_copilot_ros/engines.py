@@ -10,13 +10,16 @@ of a TorchScript bundle and :func:`choose` to pick the faster engine at start-up
 * ``onnxruntime``: ONNX Runtime on the CPU. Given an ``.onnx`` bundle it runs that file. Given a
   ``.pt`` bundle it uses ``<same name>.onnx`` beside it when that file carries exactly the same
   metadata and the ``.pt`` is not pinned by ``model_sha256`` (a pin covers one file; an unpinned
-  sibling would bypass it); otherwise it converts the ``.pt`` in memory at start-up (seconds to a
-  minute; convert once with ``cardiac-copilot export MODEL.pt --format onnx --out MODEL.onnx`` to skip
-  it). Either way both engines must agree to 1e-3 mm/deg on a warm-up frame.
-* ``auto`` (default): ``onnxruntime`` only for an ``.onnx`` bundle; for a ``.pt`` bundle on the CPU,
-  both engines when ONNX Runtime is installed, each timed on the same warm-up frames (median
-  per frame), and the faster one is kept; the choice and both times are logged. Without
-  onnxruntime (or on CUDA) it is ``torch``.
+  sibling would bypass it); otherwise it converts the ``.pt`` in memory at start-up (needs
+  onnxscript; tens of seconds for ResNet-18 on 2 busy cores). Both engines must then agree to
+  1e-3 mm/deg on a warm-up frame.
+* ``auto`` (default): an ``.onnx`` bundle runs on ``onnxruntime``. A ``.pt`` bundle on the CPU with
+  a usable ``<same name>.onnx`` beside it (as above) runs both engines on the same warm-up frames
+  (median time per frame) and keeps the faster; the choice and both times are logged. Without
+  such a file (or without onnxruntime, or on CUDA) it is ``torch``, and the log line says how to
+  get the other engine: convert once with
+  ``cardiac-copilot export MODEL.pt --format onnx --out MODEL.onnx`` (``auto`` does not convert in
+  memory: that would add tens of seconds to every start).
 """
 
 from __future__ import annotations
@@ -45,8 +48,8 @@ def onnx_candidate(path: Path, bundle: Any, sha256: str | None, num_threads: int
                    required: bool) -> tuple[Any | None, str]:
     """An ONNX Runtime model for the TorchScript ``bundle`` loaded from ``path``, and where it came from.
 
-    Returns (None, reason) when there is none and ``required`` is False; raises BundleError
-    (or ImportError's message as BundleError) when ``required``.
+    ``required`` (engine onnxruntime): convert in memory when there is no usable ``.onnx`` beside
+    ``path``, and raise BundleError when nothing works. Otherwise (auto) returns (None, reason).
     """
     from cardiac_copilot_ros.model import onnx_bundle
     from cardiac_copilot_ros.model.bundle import BundleError
@@ -72,6 +75,9 @@ def onnx_candidate(path: Path, bundle: Any, sha256: str | None, num_threads: int
                 if model.meta == bundle.meta:
                     return model, f"file {sibling}"
                 note = f"{sibling.name} beside it ignored (its metadata differs: another model); "
+    if not required:
+        return None, (note + f"no {sibling.name} beside the bundle; to measure ONNX Runtime too, convert once: "
+                      f"cardiac-copilot export {path} --format onnx --out {sibling}")
     if not onnx_bundle.exporter_available():
         return fail(note + f"no .onnx file and no exporter to convert in memory ({onnx_bundle.INSTALL_HINT})")
     t0 = time.perf_counter()
