@@ -33,6 +33,7 @@ import argparse
 import inspect
 import json
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,7 +156,8 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | Path | None 
     batch = torch.export.Dim("batch", min=1, max=4096)
     example = (torch.rand(2, 1, h, w), torch.zeros(2, dtype=torch.int64), torch.tensor(True))
     try:
-        with quiet_torch_deprecations(), torch.no_grad():
+        with quiet_torch_deprecations(), torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*axis name.*")
             program = torch.onnx.export(OnnxGraph(model, with_scale).eval(), example, dynamo=True,
                                         input_names=list(INPUT_NAMES), output_names=[output_name(meta)],
                                         dynamic_shapes=({0: batch}, {0: batch}, None), opset_version=OPSET,
