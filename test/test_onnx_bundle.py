@@ -239,5 +239,5 @@ def test_eval_one_pass_matches_first_implementation(pair: tuple[Path, Path], tmp
         old = evaluation.predict(m, images, plane, idx, batch_size=8, progress=False)
         assert set(old) == set(m.entries)
         for entry, pred in old.items():
-            assert np.abs(pred - new[entry]).max() <= 1e-4, entry
+            assert np.abs(pred - new[entry]).max() <= 1e-3, entry
     assert np.abs(new["ts/dreamer"] - new["onnx/dreamer"]).max() <= 1e-3
