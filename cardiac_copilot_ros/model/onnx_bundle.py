@@ -346,6 +346,8 @@ def session_from_bytes(data: bytes, path: str | Path, num_threads: int | None = 
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3  # errors only (no "removing unused initializer" chatter)
+    # idle worker threads sleep instead of spinning: the node shares its cores with DDS and the executor
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = ort.InferenceSession(data, sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
