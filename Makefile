@@ -16,7 +16,7 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
-$(STAMP): requirements/core.txt requirements/ros.txt requirements/dev.txt setup.py setup.cfg
+$(STAMP): requirements/core.txt requirements/ros.txt requirements/onnx.txt requirements/dev.txt setup.py setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements/dev.txt

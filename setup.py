@@ -27,7 +27,8 @@ setup(
         (f"share/{PACKAGE}", ["package.xml"]),
         (f"share/{PACKAGE}/launch", glob("launch/*.launch.py")),
         (f"share/{PACKAGE}/config", glob("config/*.yaml") + glob("config/*.rviz")),
-        (f"share/{PACKAGE}/models", glob("models/*.pt") + glob("models/*.pt2") + glob("models/*.md")),
+        (f"share/{PACKAGE}/models", glob("models/*.pt") + glob("models/*.pt2") + glob("models/*.onnx")
+                                          + glob("models/*.md")),
     ],
     install_requires=[
         "setuptools",
@@ -42,6 +43,8 @@ setup(
         "torchvision>=0.13",
     ],
     extras_require={
+        # ONNX bundles and the onnxruntime engine (not needed by training); see requirements/onnx.txt
+        "onnx": ["onnx>=1.16", "onnxruntime>=1.18", "onnxscript>=0.2"],
         "ros": [
             "ros-jazzy-rclpy[fastrtps]",
             "ros-jazzy-sensor-msgs",

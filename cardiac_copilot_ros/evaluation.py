@@ -45,7 +45,6 @@ import csv
 import datetime as _dt
 import json
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +83,8 @@ class EvalModel:
     train_data: str | None = None       # the training cache named in the run's config, if known
     info: dict[str, Any] = field(default_factory=dict)
     planes: tuple[str, ...] | None = None  # the model's views (its plane query order); None: the data's
+    #: (image, plane) -> (B, 6 * len(entries)): every entry in one forward (eval_pipeline), or None
+    multi: Callable[..., Any] | None = None
 
     @property
     def entries(self) -> list[str]:
@@ -113,7 +114,7 @@ def _run_config(checkpoint: Path) -> dict[str, Any] | None:
 
 
 def _is_bundle(path: Path) -> bool:
-    if path.suffix == ".pt2":
+    if path.suffix in (".pt2", ".onnx"):
         return True
     if path.suffix != ".pt" or path.name == "best.pt" or path.parent.name == "checkpoints":
         return False
@@ -164,8 +165,8 @@ def load_model(path: str | Path, name: str | None = None, device: str = "cpu",
                          input_size=bundle.input_size, forward=bundle,
                          manifest_sha256=meta.get("data_manifest_sha256"), train_data=train_data,
                          info={"format": bundle.fmt, "backbone": bundle.backbone, "model": meta.get("model"),
-                               "training": meta.get("training")})
-    from cardiac_copilot_ros.training.loop import load_checkpoint, model_from_checkpoint
+                               "training": meta.get("training")}, multi=_bundle_one_pass(bundle, dev))
+    from cardiac_copilot_ros.model.checkpoint import load_checkpoint, model_from_checkpoint
 
     try:
         state = load_checkpoint(path, prefer="best")
@@ -179,13 +180,31 @@ def load_model(path: str | Path, name: str | None = None, device: str = "cpu",
             return model(image, plane, bool(refine))
 
     h, w = state["input_size"]
+    from cardiac_copilot_ros.eval_pipeline import one_pass
+
+    multi = one_pass(model, forward, (int(h), int(w)), int(model.n_planes), dev)
     return EvalModel(name=name, source=path, kind="run", has_dreamer=bool(model.has_dreamer),
                      planes=tuple(model.plane_names),
-                     input_size=(int(h), int(w)), forward=forward,
+                     input_size=(int(h), int(w)), forward=forward, multi=multi,
                      manifest_sha256=state.get("data_manifest_sha256"), train_data=cfg.get("data"),
                      info={"checkpoint": state["path"], "step": state.get("step"), "model": cfg.get("model"),
                            "preset": cfg.get("preset"), "backbone": state["model_args"].get("backbone"),
                            "best": (state.get("best") or {}).get("val_mae_mean")})
+
+
+def _bundle_one_pass(bundle: Any, dev: Any) -> Callable[..., Any] | None:
+    """eval_pipeline's one-pass function for a TorchScript bundle (its weights in the eager model)."""
+    if bundle.fmt != "torchscript":
+        return None
+    from cardiac_copilot_ros.eval_pipeline import one_pass
+    from cardiac_copilot_ros.model.bundle import BundleError
+    from cardiac_copilot_ros.model.onnx_bundle import eager_from_torchscript
+
+    try:
+        eager = eager_from_torchscript(bundle.module, bundle.meta)
+    except (BundleError, KeyError, AttributeError):
+        return None
+    return one_pass(eager, bundle, bundle.input_size, len(bundle.planes), dev)
 
 
 # ---------------------------------------------------------------------------------------
@@ -440,15 +459,16 @@ def evaluate(models: Sequence[EvalModel], cache_dir: str | Path, split: str = "t
     plane = np.asarray(plane_all[indices], np.int64)
 
     errors: dict[str, np.ndarray] = {}
-    timings: dict[str, float] = {}
-    for m in models:
-        t0 = time.perf_counter()
-        for entry, pred in predict(m, images, model_planes(m, planes, plane_all, plane), indices, batch_size,
-                                   device, progress).items():
-            if not np.isfinite(pred).all():
-                raise EvaluationError(f"{entry}: non-finite predictions")
-            errors[entry] = abs_errors(pred, gt)
-        timings[m.name] = round(time.perf_counter() - t0, 3)
+    from cardiac_copilot_ros.eval_pipeline import predict_models
+
+    plane_for = {m.name: model_planes(m, planes, plane_all, plane) for m in models}
+    preds, seconds, wall_s = predict_models(models, images, plane_all, indices, batch_size, device, progress,
+                                            plane_for=plane_for)
+    timings = {name: round(v, 3) for name, v in seconds.items()}
+    for entry, pred in preds.items():
+        if not np.isfinite(pred).all():
+            raise EvaluationError(f"{entry}: non-finite predictions")
+        errors[entry] = abs_errors(pred, gt)
     mean_action = np.asarray(manifest["action_stats"]["mean"], np.float64)
     errors[MEAN_ENTRY] = abs_errors(np.broadcast_to(mean_action, gt.shape), gt)
 
@@ -476,7 +496,10 @@ def evaluate(models: Sequence[EvalModel], cache_dir: str | Path, split: str = "t
         "models": [{"name": m.name, "source": str(m.source), "kind": m.kind, "has_dreamer": m.has_dreamer,
                     "entries": m.entries, "input_size": list(m.input_size),
                     "data_manifest_sha256": m.manifest_sha256, "train_data": m.train_data, **m.info,
-                    "seconds": timings[m.name]} for m in models],
+                    "seconds": timings[m.name], "one_pass": m.multi is not None,
+                    "frames_per_s": round(len(indices) / max(timings[m.name], 1e-9), 1)} for m in models],
+        "frames_per_s": round(len(indices) * len(models) / max(wall_s, 1e-9), 1),
+        "predict_seconds": round(wall_s, 3),
         "held_out": checks, "device": device,
         "fig3": {"x": {"translation": "|(x, y, z)| of the ground-truth action (mm)",
                        "rotation": "geodesic angle of the ground-truth rotation (deg)"},

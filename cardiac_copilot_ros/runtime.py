@@ -2,11 +2,12 @@
 
 No rclpy here: the guidance node, the demo and the benchmarks all use this module.
 
-* :class:`GuidanceRuntime` loads a bundle (TorchScript ``.pt`` or torch.export ``.pt2``, see
-  ``model/bundle.py``), preprocesses a frame (crop ROI, grayscale, resize to the bundle's input
-  size, scale to [0, 1]; the bundle normalises inside) and predicts the action for a plane, with
-  or without the Dreamer refinement. It is thread-safe (one forward at a time) and returns the
-  time spent per stage.
+* :class:`GuidanceRuntime` loads a bundle (TorchScript ``.pt``, see ``model/bundle.py``, or
+  ``.onnx``, see ``model/onnx_bundle.py``) on an engine (``torch`` or ``onnxruntime``; ``auto``
+  picks the faster one measured at start-up: :mod:`.engines`), preprocesses a frame (crop ROI,
+  grayscale, resize to the bundle's input size, scale to [0, 1]; the bundle normalises inside)
+  and predicts the action for a plane, with or without the Dreamer refinement. It is thread-safe
+  (one forward at a time) and returns the time spent per stage.
 * :class:`LatestFrameWorker` runs a function on the newest submitted item on its own thread;
   an item still pending when a newer one arrives is dropped and counted, never queued, so
   latency stays bounded whatever the input rate.
@@ -161,12 +162,17 @@ class GuidanceRuntime:
     ``device``: ``auto`` (CUDA when present), ``cpu`` or ``cuda``. ``num_threads``: torch intra-op
     threads (process-wide; None keeps torch's default). ``crop_roi``: ``[x, y, w, h]`` px or None.
     ``model_sha256``: hex digest that pins the bundle file (None or '' = not pinned).
+    ``engine``: ``auto``, ``torch`` or ``onnxruntime`` (:mod:`.engines`); the choice is in
+    :attr:`engine`, the measured times in :attr:`engine_times_ms`, the log line in
+    :attr:`engine_summary` (also passed to ``log``); :attr:`model_ms` is the model time per frame
+    of the chosen engine measured on the warm-up frames (None without warm-up).
     Raises ``model.bundle.BundleError`` (naming the file) when the bundle cannot be loaded.
     """
 
     def __init__(self, bundle_path: str | Path, device: str = "auto", num_threads: int | None = None,
                  crop_roi: Sequence[int] | None = None, warmup: int = 3, optimize: bool = True,
-                 model_sha256: str | None = None) -> None:
+                 model_sha256: str | None = None, engine: str = "auto",
+                 log: Callable[[str], None] | None = None) -> None:
         import torch
 
         from .model.bundle import load_bundle
@@ -188,11 +194,98 @@ class GuidanceRuntime:
         self._buf = torch.empty((1, 1, *self.input_size), dtype=torch.float32)
         if self.device != "cpu":
             self._buf = self._buf.pin_memory()
+        self._onnx: Any = None  # the ONNX Runtime model when that engine runs
+        self._select_engine(engine, model_sha256, warmup, log)
+        inference_ms = []
         for _ in range(max(0, int(warmup))):
             frame = np.zeros(self.input_size, dtype=np.uint8)
             self.predict(frame, self.planes[0], refine=False)
             if self.has_dreamer:
-                self.predict(frame, self.planes[0], refine=True)
+                inference_ms.append(self.predict(frame, self.planes[0], refine=True).timings_ms["inference"])
+            else:
+                inference_ms.append(self.predict(frame, self.planes[0], refine=False).timings_ms["inference"])
+        #: Model time per frame (ms) of the chosen engine on the warm-up frames (median), or None.
+        self.model_ms: float | None = (float(np.median(inference_ms[1:] or inference_ms)) if inference_ms
+                                       else None)
+        if self.engine_times_ms.get(self.engine) is not None:
+            self.model_ms = self.engine_times_ms[self.engine]
+
+    def _select_engine(self, engine: str, sha256: str | None, warmup: int,
+                       log: Callable[[str], None] | None) -> None:
+        """Set :attr:`engine` (and the ONNX Runtime model) from the ``engine`` request."""
+        from . import engines
+
+        requested = engines.check_engine(engine)
+        self.engine_requested = requested
+        self.engine_times_ms: dict[str, float] = {}
+        self.engine_source = ""
+        if self.bundle.fmt == "onnx":
+            if requested == "torch":
+                raise ValueError(f"engine torch cannot run the ONNX bundle {self.path.name}; use engine "
+                                 f"onnxruntime or auto, or give the TorchScript .pt bundle")
+            self._onnx = self.bundle.module
+            self.engine_source = f"file {self.path}"
+        elif requested != "torch":
+            if self.device != "cpu":
+                if requested == "onnxruntime":
+                    raise ValueError("engine onnxruntime runs on the CPU; use device cpu (or engine torch / auto)")
+                self.engine_source = "not tried on CUDA"
+            else:
+                self._onnx, self.engine_source = engines.onnx_candidate(
+                    self.path, self.bundle, sha256, self._torch.get_num_threads(), required=requested == "onnxruntime")
+        self.engine = "onnxruntime" if self._onnx is not None else "torch"
+        if self._onnx is not None and self.bundle.fmt != "onnx":
+            # both engines exist: they must agree, and auto keeps the faster
+            refine = self.has_dreamer
+            x = np.random.default_rng(0).random((1, 1, *self.input_size), dtype=np.float32)
+            plane = np.zeros(1, np.int64)
+            torch = self._torch
+
+            def run_torch() -> np.ndarray:
+                with torch.inference_mode():
+                    return self._module(torch.from_numpy(x), torch.from_numpy(plane), refine).numpy()
+
+            def run_onnx() -> np.ndarray:
+                return self._onnx.run(x, plane, refine)[:, :6]
+
+            diff = engines.agreement(run_torch(), run_onnx())
+            if diff > engines.AGREEMENT_TOLERANCE:
+                msg = (f"ONNX Runtime model ({self.engine_source}) disagrees with the TorchScript bundle by "
+                       f"{diff:.3g} mm/deg > {engines.AGREEMENT_TOLERANCE:g}")
+                if requested == "onnxruntime":
+                    from .model.bundle import BundleError
+
+                    raise BundleError(msg)
+                self._onnx, self.engine, self.engine_source = None, "torch", msg + "; not used"
+            elif requested == "auto":
+                frames = max(3, int(warmup))
+                self.engine_times_ms = {"torch": engines.time_engine(run_torch, frames),
+                                        "onnxruntime": engines.time_engine(run_onnx, frames)}
+                self.engine = engines.choose(self.engine_times_ms)
+                if self.engine == "torch":
+                    self._onnx = None
+        self.engine_summary = engines.summary(requested, self.engine, self.engine_times_ms, self.engine_source,
+                                              max(3, int(warmup)))
+        if self._onnx is not None:
+            self.optimization = "onnxruntime (graph optimisation all)"
+        if log is not None:
+            log(self.engine_summary)
+
+    def slow_warning(self, rate_hz: float) -> str | None:
+        """A warning line when the model time exceeds the frame period at ``rate_hz``, else None."""
+        if self.model_ms is None or rate_hz <= 0:
+            return None
+        period_ms = 1e3 / float(rate_hz)
+        if self.model_ms <= period_ms:
+            return None
+        h, w = self.input_size
+        other = "onnxruntime" if self.engine == "torch" else "torch"
+        return (f"this machine is too slow for {rate_hz:g} Hz: the model takes {self.model_ms:.1f} ms per frame "
+                f"(engine {self.engine}, {self.meta.get('backbone', '?')} at {w}x{h} px) > the "
+                f"{period_ms:.1f} ms frame period, so frames will be dropped and guidance will lag. Options: "
+                f"engine:={other} or auto (measures both), a bundle with a smaller input size or backbone, "
+                f"fewer competing processes / more num_threads, or a lower rate (expected_rate_hz; the "
+                f"camera's frame rate)")
 
     def _optimized(self, module: Any, optimize: bool) -> tuple[Any, str]:
         """Freeze a TorchScript module (and fold conv+BN / pick CPU kernels on CPU).
@@ -264,12 +357,16 @@ class GuidanceRuntime:
         t1 = time.perf_counter()
         with self._lock:
             try:
-                self._buf[0, 0].copy_(torch.from_numpy(x))
-                inp = self._buf.to(self.device, non_blocking=True) if self.device != "cpu" else self._buf
-                plane_t = torch.tensor([self._plane_index[name]], dtype=torch.int64, device=self.device)
-                with torch.inference_mode():
-                    out = self._module(inp, plane_t, refined)
-                action = out.detach().to("cpu", torch.float64).numpy().reshape(-1)
+                if self._onnx is not None:  # engine onnxruntime
+                    out_np = self._onnx.run(x[None, None], np.array([self._plane_index[name]], np.int64), refined)
+                    action = np.asarray(out_np, np.float64)[0, :6]
+                else:
+                    self._buf[0, 0].copy_(torch.from_numpy(x))
+                    inp = self._buf.to(self.device, non_blocking=True) if self.device != "cpu" else self._buf
+                    plane_t = torch.tensor([self._plane_index[name]], dtype=torch.int64, device=self.device)
+                    with torch.inference_mode():
+                        out = self._module(inp, plane_t, refined)
+                    action = out.detach().to("cpu", torch.float64).numpy().reshape(-1)
             except Exception as exc:
                 raise InferenceError(f"model {self.path.name} failed on a {x.shape} frame: "
                                      f"{type(exc).__name__}: {exc}") from exc
@@ -288,7 +385,7 @@ class GuidanceRuntime:
         return (f"{self.path} ({self.meta.get('backbone', '?')}, input {w}x{h}, "
                 f"planes {', '.join(self.planes)}, dreamer {'yes' if self.has_dreamer else 'no'}, "
                 f"device {self.device}, torch threads {self._torch.get_num_threads()}, "
-                f"optimisation {self.optimization})")
+                f"optimisation {self.optimization}, engine {getattr(self, 'engine', 'torch')})")
 
 
 # ---------------------------------------------------------------------------------------

@@ -7,9 +7,15 @@ frame-stamp-to-guidance-received latency p50/p95/p99 (ms), guidance rate (Hz), t
 frames without guidance (dropped, by the node's newest-frame policy or by the best-effort
 transport) and the node process's CPU use (psutil; 100 % = one core).
 
-Rows: the default bundle at ``--rate`` and at ``--high-rate``, and the paper's architecture
-(ResNet-34, 224 x 224, untrained: timing only) at ``--rate``. Without ``models/default.pt``
-the default row uses an untrained bundle of the ``cpu`` training preset's architecture.
+Rows: the default bundle at ``--rate`` once per inference engine (``--engines``, default every
+engine available here: ``torch`` = TorchScript, ``onnxruntime`` = ONNX Runtime on an ``.onnx``
+copy: the ``.onnx`` beside the bundle when it holds the same model, else converted once into a
+temporary folder), then at ``--high-rate`` and the paper's architecture (ResNet-34, 224 x 224,
+untrained: timing only) at ``--rate`` with the faster engine of those rows (the paper row:
+torch). Every row has ``engine`` and ``node_inference_ms_p50`` (the model time in the node);
+the printed speed-up is TorchScript's model time over each other engine's. The JSON's top-level
+keys describe the fastest engine's default row. Without ``models/default.pt`` the default row
+uses an untrained bundle of the ``cpu`` training preset's architecture.
 """
 
 from __future__ import annotations
@@ -61,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-dreamer", action="store_true", help="policy only (default: Dreamer refinement)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="node's device")
     parser.add_argument("--num-threads", type=int, default=0, help="node's torch threads (0: node default)")
+    parser.add_argument("--engines", default=None,
+                        help="comma-separated engines for the default bundle's rows (torch, onnxruntime); "
+                             "default: every engine available here")
 
 
 # ---------------------------------------------------------------------------------------
@@ -104,8 +113,43 @@ def _bundles(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Path]]:
     return out
 
 
+def _engines(args: argparse.Namespace) -> list[str]:
+    from .model.onnx_bundle import onnxruntime_available
+
+    if args.engines:
+        names = [e.strip() for e in str(args.engines).split(",") if e.strip()]
+        bad = [e for e in names if e not in ("torch", "onnxruntime")]
+        if bad or not names:
+            raise SystemExit(f"bench guidance: --engines takes torch and/or onnxruntime, got {args.engines!r}")
+        return names
+    return ["torch", "onnxruntime"] if onnxruntime_available() else ["torch"]
+
+
+def _onnx_copy(bundle: Path, tmp: Path) -> Path:
+    """The .onnx to run for ``bundle``: itself, the same model beside it, or a conversion into ``tmp``."""
+    from .model import onnx_bundle
+    from .model.bundle import BundleError, load_bundle
+
+    if onnx_bundle.is_onnx_file(bundle):
+        return bundle
+    sibling = bundle.with_suffix(".onnx")
+    if sibling.is_file():
+        try:
+            if onnx_bundle.load_onnx(sibling).meta == load_bundle(bundle).meta:
+                return sibling
+        except BundleError:
+            pass
+    out = tmp / f"{bundle.stem}.onnx"
+    print(f"converting {bundle.name} to ONNX for the onnxruntime row ...", flush=True)
+    res = onnx_bundle.export_onnx_bundle(bundle, out)
+    worst = max(res["max_abs_diff"].values())
+    if not worst <= onnx_bundle.TOLERANCE:
+        raise SystemExit(f"bench guidance: the ONNX conversion of {bundle} differs by {worst:.3g} mm/deg")
+    return out
+
+
 def _measure(label: str, bundle: Path, rate_hz: float, args: argparse.Namespace, tmp: Path,
-             env: dict[str, str]) -> dict[str, Any]:
+             env: dict[str, str], engine: str = "torch") -> dict[str, Any]:
     import psutil
 
     tag = f"{len(list(tmp.glob('row*.json')))}"
@@ -116,7 +160,7 @@ def _measure(label: str, bundle: Path, rate_hz: float, args: argparse.Namespace,
     node_log = tmp / f"node{tag}.log"
     node_cmd = [sys.executable, "-m", "cardiac_copilot_ros.nodes.guidance_node", "--ros-args",
                 "-r", f"__ns:={NAMESPACE}", "-p", f"model_path:={bundle}", "-p", f"device:={args.device}",
-                "-p", f"num_threads:={int(args.num_threads)}",
+                "-p", f"num_threads:={int(args.num_threads)}", "-p", f"engine:={engine}",
                 "-p", f"use_dreamer:={'false' if args.no_dreamer else 'true'}"]
     with open(node_log, "wb") as log:
         node = subprocess.Popen(node_cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -145,18 +189,20 @@ def _measure(label: str, bundle: Path, rate_hz: float, args: argparse.Namespace,
                          f"node:\n{node_log.read_text(errors='replace')[-3000:]}")
     res = json.loads(out_path.read_text())
     res.update(name=label, bundle=str(bundle), input_rate_hz=rate_hz, cpu_percent=cpu,
-               size_wh=list(args.size), dreamer=not args.no_dreamer)
+               size_wh=list(args.size), dreamer=not args.no_dreamer, engine=engine)
+    res.setdefault("node_inference_ms_p50", None)
     return res
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = ("| model | input rate (Hz) | guidance (Hz) | p50 (ms) | p95 (ms) | p99 (ms) | dropped | "
+    head = ("| model | engine | input rate (Hz) | guidance (Hz) | p50 (ms) | p95 (ms) | p99 (ms) | dropped | "
             "node CPU (% of a core) | inference p50 in node (ms) |")
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         lat = r["latency_ms"]
         inf = r.get("node_inference_ms_p50")
-        lines.append(f"| {r['name']} | {r['input_rate_hz']:.0f} | {r['rate_hz']:.1f} | {lat['p50']:.1f} | "
+        lines.append(f"| {r['name']} | {r.get('engine', 'torch')} | {r['input_rate_hz']:.0f} | {r['rate_hz']:.1f} | "
+                     f"{lat['p50']:.1f} | "
                      f"{lat['p95']:.1f} | {lat['p99']:.1f} | {100 * r['dropped_ratio']:.0f} % | "
                      f"{r['cpu_percent']:.0f} | {'-' if inf is None else f'{inf:.1f}'} |")
     return "\n".join(lines)
@@ -168,28 +214,57 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_guidance_") as tmp_s:
         tmp = Path(tmp_s)
         bundles = _bundles(args, tmp)
-        plan = [(bundles[0][0], bundles[0][1], args.rate)]
+        engines = _engines(args)
+        label0, path0 = bundles[0]
+        for engine in engines:
+            path = _onnx_copy(path0, tmp) if engine == "onnxruntime" else path0
+            print(f"measuring {label0} on {engine} at {args.rate:g} Hz for {args.seconds:g} s ...", flush=True)
+            rows.append(_measure(label0, path, args.rate, args, tmp, env, engine))
+        engine_rows = list(rows)
+        best = min(engine_rows, key=lambda r: (r["node_inference_ms_p50"] is None,
+                                               r["node_inference_ms_p50"] or 0.0))
+        plan = []
         if args.high_rate > 0:
-            plan.append((bundles[0][0], bundles[0][1], args.high_rate))
-        plan += [(label, path, args.rate) for label, path in bundles[1:]]
-        for label, path, rate in plan:
-            print(f"measuring {label} at {rate:g} Hz for {args.seconds:g} s ...", flush=True)
-            rows.append(_measure(label, path, rate, args, tmp, env))
+            plan.append((label0, Path(best["bundle"]), args.high_rate, best["engine"]))
+        plan += [(label, path, args.rate, "torch") for label, path in bundles[1:]]
+        for label, path, rate, engine in plan:
+            print(f"measuring {label} on {engine} at {rate:g} Hz for {args.seconds:g} s ...", flush=True)
+            rows.append(_measure(label, path, rate, args, tmp, env, engine))
     w, h = args.size
     print(f"\nGuidance latency: frame stamp -> guidance received, {w}x{h} simulator frames over DDS, "
           f"Dreamer {'off' if args.no_dreamer else 'on'}, {os.cpu_count()} CPU cores")
     print(_table(rows))
-    first = rows[0]
+    speedups = _speedups(engine_rows)
+    for name, ratio in speedups.items():
+        torch_ms = next(r["node_inference_ms_p50"] for r in engine_rows if r["engine"] == "torch")
+        other_ms = next(r["node_inference_ms_p50"] for r in engine_rows if r["engine"] == name)
+        print(f"speed-up of {name} over torch (model time in the node, p50): {torch_ms:.1f} / {other_ms:.1f} ms "
+              f"= {ratio:.2f}x")
+    first = best
     p99 = first["latency_ms"]["p99"]
     verdict = "met" if p99 <= 60.0 else f"missed by {p99 - 60.0:.1f} ms"
-    print(f"\ntarget p99 <= 60 ms for the default bundle at {args.rate:g} Hz: {verdict} (p99 {p99:.1f} ms)")
+    print(f"\ntarget p99 <= 60 ms for the default bundle at {args.rate:g} Hz ({first['engine']}): {verdict} "
+          f"(p99 {p99:.1f} ms)")
     if args.json:
         doc = {"latency_ms": first["latency_ms"], "rate_hz": first["rate_hz"],
-               "dropped_ratio": first["dropped_ratio"], "cpu_percent": first["cpu_percent"], "rows": rows}
+               "dropped_ratio": first["dropped_ratio"], "cpu_percent": first["cpu_percent"], "rows": rows,
+               "engine": first["engine"], "node_inference_ms_p50": first["node_inference_ms_p50"],
+               "engines": [{k: r[k] for k in ("engine", "node_inference_ms_p50", "latency_ms", "rate_hz",
+                                              "dropped_ratio", "cpu_percent")} for r in engine_rows],
+               "speedup_vs_torch": speedups}
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=1))
         print(f"wrote {args.json}")
     return 0
+
+
+def _speedups(engine_rows: list[dict[str, Any]]) -> dict[str, float]:
+    """TorchScript's model time in the node over each other engine's (p50), where both were measured."""
+    times = {r["engine"]: r["node_inference_ms_p50"] for r in engine_rows}
+    base = times.get("torch")
+    if not base:
+        return {}
+    return {k: round(base / v, 3) for k, v in times.items() if k != "torch" and v}
 
 
 # ---------------------------------------------------------------------------------------

@@ -28,4 +28,10 @@ def test_bench_guidance_writes_table_and_json(tmp_path: Path, capsys: pytest.Cap
     assert set(doc["latency_ms"]) == {"p50", "p95", "p99"}
     assert doc["latency_ms"]["p50"] <= doc["latency_ms"]["p95"] <= doc["latency_ms"]["p99"]
     assert doc["rate_hz"] > 0 and 0.0 <= doc["dropped_ratio"] < 1.0
-    assert math.isfinite(doc["cpu_percent"]) and len(doc["rows"]) == 1
+    assert math.isfinite(doc["cpu_percent"])
+    engines = [r["engine"] for r in doc["rows"]]
+    assert engines[0] == "torch" and len(doc["rows"]) == len(doc["engines"])  # one row per engine
+    assert all(r["node_inference_ms_p50"] > 0 for r in doc["rows"])
+    assert doc["engine"] in engines
+    if "onnxruntime" in engines:  # the speed-up ratio, printed and in the JSON
+        assert doc["speedup_vs_torch"]["onnxruntime"] > 0 and "speed-up of onnxruntime over torch" in text

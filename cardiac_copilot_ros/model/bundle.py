@@ -48,8 +48,8 @@ from cardiac_copilot_ros.planes import PLANE_NAMES, plane_key
 FORMAT = "cardiac_copilot_bundle"
 FORMAT_VERSION = 1
 META_FILE = "cardiac_copilot.json"
-#: Bundle file formats: name -> file suffix.
-FORMATS = {"torchscript": ".pt", "export": ".pt2"}
+#: Bundle file formats: name -> file suffix (onnx: see model/onnx_bundle.py; needs the `onnx` extra).
+FORMATS = {"torchscript": ".pt", "export": ".pt2", "onnx": ".onnx"}
 
 _REQUIRED_KEYS = ("format", "format_version", "planes", "input_size", "action_units", "euler_axes",
                   "backbone", "has_dreamer", "action_mean", "action_std")
@@ -232,9 +232,14 @@ def save_bundle(model: nn.Module, path: str | Path, meta: dict[str, Any], fmt: s
     """
     path = Path(path)
     if fmt is None:
-        fmt = "export" if path.suffix == ".pt2" else "torchscript"
+        fmt = "export" if path.suffix == ".pt2" else "onnx" if path.suffix == ".onnx" else "torchscript"
     if fmt not in FORMATS:
         raise ValueError(f"unknown bundle format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        from cardiac_copilot_ros.model.onnx_bundle import export_onnx
+
+        export_onnx(model, meta, path)
+        return path
     validate_metadata(meta, path)
     model = model.eval().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,7 +317,8 @@ class Bundle:
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, sha256: str | None = None,
                 allow_torch_export: bool = False) -> Bundle:
-    """Load a TorchScript ``.pt`` bundle; the format is read from the contents, not the name.
+    """Load a TorchScript ``.pt`` bundle (or an ``.onnx`` one: ONNX Runtime on the CPU, module =
+    :class:`~.onnx_bundle.OnnxModel`); the format is read from the contents, not the name.
 
     ``sha256`` pins the file (hex digest; checked before anything is parsed). torch.export
     archives are refused (loading one can run code from it, see the module docstring) unless
@@ -326,6 +332,11 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, sha256:
     if not path.is_file():
         raise BundleError(f"{path}: not a file")
     check_sha256(path, sha256)
+    from cardiac_copilot_ros.model import onnx_bundle
+
+    if onnx_bundle.is_onnx_file(path):  # ONNX Runtime on the CPU; no torch loader involved
+        onnx_model = onnx_bundle.load_onnx(path)
+        return Bundle(module=onnx_model, meta=onnx_model.meta, path=path, fmt="onnx")
     fmt, meta = _inspect_archive(path)
     if fmt == "export" and not allow_torch_export:
         raise BundleError(f"{path}: refusing a torch.export archive: torch.export.load unpickles parts "

@@ -23,7 +23,7 @@ TOLERANCE = 1e-4
 def export_checkpoint(source: str | Path, out: str | Path, fmt: str | None = None, check: bool = True
                       ) -> dict[str, Any]:
     """Export a run folder or checkpoint; returns {path, format, max_abs_diff, meta}."""
-    from cardiac_copilot_ros.training.loop import load_checkpoint, model_from_checkpoint
+    from cardiac_copilot_ros.model.checkpoint import load_checkpoint, model_from_checkpoint
 
     state = load_checkpoint(source, prefer="best")
     model = model_from_checkpoint(state)
@@ -60,14 +60,20 @@ def check_bundle(model: torch.nn.Module, path: str | Path, batch: int = 3, seed:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="run folder (uses best.pt) or checkpoint file")
-    parser.add_argument("--out", required=True, metavar="FILE", help="bundle to write (.pt or .pt2)")
+    parser.add_argument("run", metavar="RUN", help="run folder (uses best.pt) or checkpoint file; with --format "
+                        "onnx also a TorchScript bundle (.pt) to convert")
+    parser.add_argument("--out", required=True, metavar="FILE", help="bundle to write (.pt, .pt2 or .onnx)")
     parser.add_argument("--format", choices=list(FORMATS), default=None,
-                        help="torchscript (.pt, default) or export (torch.export .pt2); default from --out's suffix")
+                        help="torchscript (.pt, default), export (torch.export .pt2) or onnx (.onnx for ONNX Runtime; "
+                             "RUN may also be a TorchScript bundle to convert); default from --out's suffix")
     parser.add_argument("--no-check", action="store_true", help="skip the reload-and-compare check")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.format == "onnx" or (args.format is None and Path(args.out).suffix == ".onnx"):
+        from cardiac_copilot_ros.model.onnx_bundle import run_export
+
+        return run_export(args)  # from a run, checkpoint or TorchScript bundle; checked against it
     try:
         res = export_checkpoint(args.run, args.out, args.format, check=not args.no_check)
     except (FileNotFoundError, ValueError, BundleError) as exc:

@@ -44,6 +44,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from .. import images
 from .. import pose as pose_alg
+from ..engines import ENGINES
 from ..planes import PLANE_NAMES
 from ..runtime import (
     MODEL_HINT,
@@ -340,14 +341,21 @@ class GuidanceNode(Node):
 
     def _declare_parameters(self) -> None:
         d = self.declare_parameter
-        d("model_path", "", _descr("model bundle (.pt TorchScript; torch.export .pt2 files are refused: "
-                                   "loading them can run code); empty = the package's models/default.pt",
+        d("model_path", "", _descr("model bundle (.pt TorchScript or .onnx for ONNX Runtime; torch.export .pt2 "
+                                   "files are refused: loading them can run code); empty = the package's "
+                                   "models/default.pt",
                                    read_only=True))
         d("model_sha256", "", _descr("SHA-256 hex digest that pins the model file; the node refuses to start "
                                      "when the file differs; empty = not pinned", read_only=True))
         d("device", "auto", _descr("inference device", True, "auto (CUDA when present) | cpu | cuda"))
         d("num_threads", 0, _descr("torch intra-op threads; 0 = number of cores - 1 (at least 1)", True,
                                    integer_range=_int_range(0, 256)))
+        d("engine", "auto", _descr("inference engine; auto = the faster of torch and onnxruntime measured on the "
+                                   "warm-up frames when both are available (a .pt with the same model as .onnx "
+                                   "beside it), see docs/ARCHITECTURE.md", True, " | ".join(ENGINES)))
+        d("expected_rate_hz", 30.0, _descr("frame rate [Hz] the machine should keep up with: start-up warns when "
+                                           "the measured model time exceeds 1 / expected_rate_hz; 0 = no check",
+                                           True, floating_point_range=_float_range(0.0, 1000.0)))
         d("target_plane", PLANE_NAMES[0], _descr("view to guide to, any view of the loaded model (its "
                                                  "metadata 'planes'); changeable at run time",
                                                  constraints="a view of the model (default model: "
@@ -408,9 +416,17 @@ class GuidanceNode(Node):
             normalize_roi(roi)
         except ValueError as exc:
             raise StartupError(f"parameter crop_roi: {exc}") from None
+        engine = str(self.get_parameter("engine").value)
+        if engine not in ENGINES:
+            raise StartupError(f"parameter engine={engine!r} is invalid; choose one of {', '.join(ENGINES)}")
         try:
-            return GuidanceRuntime(path, device=self.get_parameter("device").value, num_threads=threads,
-                                   crop_roi=roi, model_sha256=str(self.get_parameter("model_sha256").value))
+            runtime = GuidanceRuntime(path, device=self.get_parameter("device").value, num_threads=threads,
+                                      crop_roi=roi, model_sha256=str(self.get_parameter("model_sha256").value),
+                                      engine=engine, log=self.get_logger().info)
+            warning = runtime.slow_warning(float(self.get_parameter("expected_rate_hz").value))
+            if warning:
+                self.get_logger().warning(warning)
+            return runtime
         except ValueError as exc:  # device, or BundleError (a ValueError or RuntimeError subclass)
             raise StartupError(f"cannot load model file {path}: {exc}") from exc
         except Exception as exc:
