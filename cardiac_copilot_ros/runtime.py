@@ -152,6 +152,9 @@ class Prediction:
     action: np.ndarray  #: (6,) float64: x, y, z in mm; roll, pitch, yaw in deg ('sxyz')
     plane: str  #: canonical plane name
     refined: bool  #: True when the Dreamer refinement was applied
+    #: (6,) float64 per-axis Laplace scale b of the action (mm, deg; the expected absolute error), or
+    #: None for bundles without uncertainty (metadata ``has_uncertainty``)
+    action_scale: np.ndarray | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)  #: preprocess, inference, total
 
 
@@ -179,6 +182,7 @@ class GuidanceRuntime:
         self.input_size: tuple[int, int] = (int(self.bundle.input_size[0]), int(self.bundle.input_size[1]))
         self.planes: tuple[str, ...] = tuple(str(p) for p in self.bundle.planes)
         self.has_dreamer: bool = bool(self.bundle.has_dreamer)
+        self.has_uncertainty: bool = bool(self.bundle.has_uncertainty)
         self._plane_index = {name: i for i, name in enumerate(self.planes)}
         self._module, self.optimization = self._optimized(self.bundle.module, optimize)
         self._lock = threading.Lock()
@@ -206,9 +210,10 @@ class GuidanceRuntime:
 
         try:
             with quiet_torch_deprecations():
-                frozen = torch.jit.freeze(module)
+                keep = ["forward_with_scale"] if self.bundle.has_uncertainty else []
+                frozen = torch.jit.freeze(module, preserved_attrs=keep)
                 if self.device == "cpu":
-                    return torch.jit.optimize_for_inference(frozen), "frozen+optimize_for_inference"
+                    return torch.jit.optimize_for_inference(frozen, keep), "frozen+optimize_for_inference"
                 return frozen, "frozen"
         except Exception:
             return module, "none (freeze failed)"
@@ -262,8 +267,12 @@ class GuidanceRuntime:
                 inp = self._buf.to(self.device, non_blocking=True) if self.device != "cpu" else self._buf
                 plane_t = torch.tensor([self._plane_index[name]], dtype=torch.int64, device=self.device)
                 with torch.inference_mode():
-                    out = self._module(inp, plane_t, refined)
-                action = out.detach().to("cpu", torch.float64).numpy().reshape(-1)
+                    if self.has_uncertainty:
+                        out = self._module.forward_with_scale(inp, plane_t, refined)
+                    else:
+                        out = self._module(inp, plane_t, refined)
+                out = out.detach().to("cpu", torch.float64).numpy().reshape(-1)
+                action, scale = (out[:6], out[6:]) if self.has_uncertainty else (out, None)
             except Exception as exc:
                 raise InferenceError(f"model {self.path.name} failed on a {x.shape} frame: "
                                      f"{type(exc).__name__}: {exc}") from exc
@@ -272,7 +281,10 @@ class GuidanceRuntime:
             raise InferenceError(f"model {self.path.name} returned shape {action.shape}, expected (6,)")
         if not np.all(np.isfinite(action)):
             raise InferenceError(f"model {self.path.name} returned a non-finite action {action.tolist()}")
+        if scale is not None and not (scale.shape == (6,) and np.all(np.isfinite(scale))):
+            raise InferenceError(f"model {self.path.name} returned a bad action scale {scale.tolist()}")
         return Prediction(action=action.copy(), plane=name, refined=refined,
+                          action_scale=None if scale is None else scale.copy(),
                           timings_ms={"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
                                       "total": (t2 - t0) * 1e3})
 

@@ -35,7 +35,8 @@ def export_checkpoint(source: str | Path, out: str | Path, fmt: str | None = Non
     meta = build_metadata(model, (h, w), data_manifest_sha256=state.get("data_manifest_sha256"), extra={
         "model": cfg.get("model"), "training": {"checkpoint": str(state["path"]), "step": state.get("step"),
                                                 "preset": cfg.get("preset"), "best": state.get("best"),
-                                                "code_version": state.get("code_version")}})
+                                                "code_version": state.get("code_version"),
+                                                "sim_subjects": state.get("sim_subjects") or {}}})
     path = save_bundle(model, out, meta, fmt)
     result: dict[str, Any] = {"path": str(path), "format": fmt, "meta": meta, "max_abs_diff": None}
     if check:
@@ -56,6 +57,10 @@ def check_bundle(model: torch.nn.Module, path: str | Path, batch: int = 3, seed:
         for refine in (False, True):
             ref = model(x, plane, refine)
             diffs["refine" if refine else "policy"] = float((bundle(x, plane, refine) - ref).abs().max())
+            if bundle.has_uncertainty:
+                ref12 = model.forward_with_scale(x, plane, refine)
+                key = "scale_refine" if refine else "scale_policy"
+                diffs[key] = float((bundle.forward_with_scale(x, plane, refine) - ref12).abs().max())
     return diffs
 
 
