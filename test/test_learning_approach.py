@@ -216,3 +216,47 @@ def test_uncertainty_export_round_trip(tmp_path):
     path2 = save_bundle(plain, tmp_path / "p.pt", build_metadata(plain, (32, 32)))
     assert load_bundle(path2).meta["has_uncertainty"] is False
     assert GuidanceRuntime(path2, device="cpu", warmup=0).predict(frame, "PLAX").action_scale is None
+
+
+# -- end to end: train on frames rendered on the fly, export, evaluate on the approach set ----
+
+
+def test_train_export_evaluate_on_the_fly(tmp_path):
+    import json
+
+    from cardiac_copilot_ros import cli
+    from cardiac_copilot_ros.model.bundle import load_bundle
+    from cardiac_copilot_ros.training.loop import load_checkpoint
+
+    torch.set_num_threads(1)
+    rc = cli.main(["train", "--model", "dreamer", "--preset", "smoke", "--backbone", "resnet10", "--uncertainty",
+                   "--sim-subjects", "3", "--sim-val-subjects", "2", "--sim-val-frames-per-plane", "2",
+                   "--sim-render-sizes", "48", "--sim-items-per-epoch", "64", "--max-steps", "3",
+                   "--out-dir", str(tmp_path), "--run-name", "r"])
+    assert rc == 0
+    state = load_checkpoint(tmp_path / "r")
+    assert state["sim_subjects"] == {"train": ["sim20000", "sim20001", "sim20002"], "val": ["sim8000", "sim8001"]}
+    assert state["model_args"]["uncertainty"] is True
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert cfg["resolved"]["sim"]["train_seeds"] == [20000, 20002]
+    assert cli.main(["export", str(tmp_path / "r"), "--out", str(tmp_path / "m.pt")]) == 0
+    bundle = load_bundle(tmp_path / "m.pt")
+    assert bundle.has_uncertainty and bundle.meta["training"]["sim_subjects"]["val"] == ["sim8000", "sim8001"]
+    # the val subjects chose the checkpoint: evaluating on them is refused
+    assert cli.main(["evaluate", str(tmp_path / "m.pt"), "--approach", "val", "--approach-subjects", "2",
+                     "--approach-frames", "1", "--out", str(tmp_path / "ev"), "--no-progress"]) == 2
+    assert cli.main(["evaluate", str(tmp_path / "m.pt"), "--approach", "--approach-subjects", "2",
+                     "--approach-frames", "2", "--bootstrap", "100", "--out", str(tmp_path / "ev"),
+                     "--no-progress"]) == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert set(results) == {"m/policy", "m/dreamer"}
+    details = json.loads((tmp_path / "ev" / "details.json").read_text())
+    assert details["split"] == "approach-test" and details["split_subjects"] == ["sim9000", "sim9001"]
+    assert details["held_out"][0]["status"] == "ok"
+    boot = details["bootstrap"]
+    assert set(boot["entries"]["m/policy"]) == {"PLAX", "PSAX-AV", "PSAX-MV", "ALL"}
+    assert "m/policy - m/dreamer" in boot["pairs"]
+    assert set(details["calibration"]["m/policy"]["ALL"]["coverage"]) == {"0.68", "0.95"}
+    assert (tmp_path / "ev" / "fig3.png").stat().st_size > 0 and (tmp_path / "ev" / "table_ci.md").is_file()
+    # without --data and --approach there is nothing to evaluate
+    assert cli.main(["evaluate", str(tmp_path / "m.pt")]) == 2

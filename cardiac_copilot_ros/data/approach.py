@@ -248,9 +248,10 @@ class SimFrameDataset(Dataset):
                 "plane": torch.tensor(d["plane"], dtype=torch.int64),
                 "subject": torch.tensor(d["seed"], dtype=torch.int64)}
 
-    def label_stats(self, n: int = 10000) -> tuple[np.ndarray, np.ndarray]:
-        """Per-axis mean and std (mm, deg) of the labels of ``n`` draws (no rendering; cache items
-        are read as labels only). The std is floored at 1e-6."""
+    def label_stats(self, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Per-axis mean and std (mm, deg) of the labels of ``n`` draws (default: 20 per item, 1000 to
+        10000; no rendering; cache items are read as labels only). The std is floored at 1e-6."""
+        n = int(np.clip(20 * self.length, 1000, 10000)) if n is None else int(n)
         sub = SimFrameDataset.__new__(SimFrameDataset)
         sub.__dict__.update(self.__dict__)
         sub.epoch = 999_999  # a stream of its own (training epochs never reach it)

@@ -197,6 +197,8 @@ def save_bundle(model: nn.Module, path: str | Path, meta: dict[str, Any], fmt: s
     if fmt not in FORMATS:
         raise ValueError(f"unknown bundle format {fmt!r}; choose one of {', '.join(FORMATS)}")
     validate_metadata(meta, path)
+    if fmt == "export" and meta.get("has_uncertainty"):
+        meta = {**meta, "has_uncertainty": False}  # the .pt2 graph holds forward only
     model = model.eval().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {META_FILE: json.dumps(meta, indent=1, sort_keys=True)}

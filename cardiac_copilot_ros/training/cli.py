@@ -80,6 +80,8 @@ def config_from_args(args: argparse.Namespace):
     if args.no_progress:
         cfg.progress = False
     cfg.validate()
+    if not cfg.data and not cfg.sim_subjects:
+        raise ValueError("give --data (a training cache) and/or --sim-subjects N (frames rendered on the fly)")
     return cfg
 
 

@@ -93,8 +93,6 @@ class TrainConfig:
             raise ValueError("lr must be > 0")
         if self.sim_subjects < 0 or self.nll_weight < 0:
             raise ValueError("sim_subjects and nll_weight must be >= 0")
-        if not self.data and self.sim_subjects == 0:
-            raise ValueError("give --data (a training cache) and/or --sim-subjects N (frames rendered on the fly)")
         if self.sim_subjects:
             parse_mix(self.sim_mix)
             parse_sizes(self.sim_render_sizes)
