@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -188,6 +190,10 @@ def test_uncertainty_export_round_trip(tmp_path):
     model = GuidanceModel("resnet10", dreamer=True, uncertainty=True, dreamer_dim=32, dreamer_depth=1,
                           dreamer_heads=2).eval()
     model.set_action_stats([1, 2, 3, 4, 5, 6], [10, 11, 3, 20, 21, 22])
+    reference = copy.deepcopy(model)
+    n_before = sum(p.numel() for p in model.parameters())
+    model.head.fold_plane_query()  # what export does: the plane query folded into a per-plane bias
+    assert n_before - sum(p.numel() for p in model.parameters()) == 512 * 2048 + 2048 + 3 * 512 - 3 * 2048
     path = save_bundle(model, tmp_path / "u.pt", build_metadata(model, (32, 32)))
     bundle = load_bundle(path)
     assert bundle.meta["has_uncertainty"] is True and bundle.has_uncertainty
@@ -200,7 +206,8 @@ def test_uncertainty_export_round_trip(tmp_path):
         torch.testing.assert_close(a12[:, :6], a, rtol=0, atol=0)
         assert torch.all(a12[:, 6:] > 0)
         with torch.no_grad():
-            torch.testing.assert_close(a12, model.forward_with_scale(x, p, refine), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a12, reference.forward_with_scale(x, p, refine), rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(a, reference(x, p, refine), rtol=1e-4, atol=1e-4)
     # the runtime's per-frame result carries the scale (mm, deg) next to the action
     rt = GuidanceRuntime(path, device="cpu", warmup=1)
     frame = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)

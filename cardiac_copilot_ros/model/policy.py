@@ -40,17 +40,39 @@ class GuidanceHead(nn.Module):
             nn.Linear(2048, 512), nn.ReLU(inplace=True),
             nn.Linear(512, 6))
         self.log_scale = nn.Linear(512, 6) if uncertainty else None
+        self.folded = False
+
+    def _first(self, feat: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return self.fc[0](feat) + self.query(plane)
+        return self.fc[0](torch.cat([feat, self.query(plane)], dim=1))
 
     def forward(self, feat: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.cat([feat, self.query(plane)], dim=1))
+        return self.fc[4](self.fc[3](self.fc[2](self.fc[1](self._first(feat, plane)))))
 
     def forward_scale(self, feat: torch.Tensor, plane: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised action (B, 6), log Laplace scale in normalised units (B, 6))."""
         log_scale = self.log_scale
         if log_scale is None:
             raise RuntimeError("this guidance head has no uncertainty output")
-        h = self.fc[3](self.fc[2](self.fc[1](self.fc[0](torch.cat([feat, self.query(plane)], dim=1)))))
+        h = self.fc[3](self.fc[2](self.fc[1](self._first(feat, plane))))
         return self.fc[4](h), log_scale(h).clamp(min=-9.0, max=6.0)
+
+    @torch.no_grad()
+    def fold_plane_query(self) -> None:
+        """Inference form (bundles): ``fc0(cat(f, q_p)) = W_f f + (W_q q_p + b)`` with the second
+        term a per-plane bias table, so the query half of the first layer's weights (512 x 2048)
+        is not stored. Exact up to float rounding; the head cannot be trained afterwards."""
+        if self.folded:
+            return
+        lin = self.fc[0]
+        c = lin.in_features - self.query.embedding_dim
+        first = nn.Linear(c, lin.out_features, bias=False)
+        first.weight.copy_(lin.weight[:, :c])
+        plane_bias = self.query.weight @ lin.weight[:, c:].T + lin.bias
+        self.fc[0] = first
+        self.query = nn.Embedding.from_pretrained(plane_bias.detach().clone(), freeze=True)
+        self.folded = True
 
 
 class GuidanceModel(nn.Module):
