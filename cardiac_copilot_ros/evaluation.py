@@ -1,6 +1,15 @@
 """``cardiac-copilot evaluate``: the paper's Table 1 and Fig. 3 for runs and bundles.
 
 ``cardiac-copilot evaluate RUN_OR_BUNDLE... --data CACHE --split test [--json FILE] [--out DIR]``
+``cardiac-copilot evaluate RUN_OR_BUNDLE... [--data CACHE] --approach [test|val]``
+
+The approach set (issue 12; :func:`evaluate_approach`) predicts the closed loop: frames drawn over
+the closed-loop bench's whole start range (+-40 mm x, y, +-8 mm z, +-40 deg) and near the target, on
+held-out simulator subjects, rendered deterministically at 224 px. Its outputs (the same files,
+plus ``table_ci.md``) go to ``OUT/approach/`` beside the cache split's (or to ``OUT`` without
+``--data``); its ``details.json`` adds ``bootstrap`` (per plane and axis MAE with 95 % CIs by
+bootstrap over subjects, the ratio to the train-mean predictor, every model pair's difference) and
+``calibration`` (coverage of the 68 % / 95 % Laplace intervals of models with an uncertainty head).
 
 Models: run folders (their ``best.pt``), training checkpoints, or bundles (``.pt`` TorchScript,
 ``.pt2`` torch.export), any number. A model without a Dreamer gives one entry named after it;
@@ -45,6 +54,7 @@ import csv
 import datetime as _dt
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +95,10 @@ class EvalModel:
     planes: tuple[str, ...] | None = None  # the model's views (its plane query order); None: the data's
     #: (image, plane) -> (B, 6 * len(entries)): every entry in one forward (eval_pipeline), or None
     multi: Callable[..., Any] | None = None
+    #: (image, plane, refine) -> (B, 12) action and Laplace scale b (mm, deg); None without uncertainty
+    forward_scale: Callable[..., Any] | None = None
+    #: subject ids the model trained / chose its checkpoint on with simulator frames rendered on the fly
+    sim_subjects: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def entries(self) -> list[str]:
@@ -165,7 +179,9 @@ def load_model(path: str | Path, name: str | None = None, device: str = "cpu",
                          input_size=bundle.input_size, forward=bundle,
                          manifest_sha256=meta.get("data_manifest_sha256"), train_data=train_data,
                          info={"format": bundle.fmt, "backbone": bundle.backbone, "model": meta.get("model"),
-                               "training": meta.get("training")}, multi=_bundle_one_pass(bundle, dev))
+                               "training": meta.get("training")}, multi=_bundle_one_pass(bundle, dev),
+                         forward_scale=bundle.forward_with_scale if bundle.has_uncertainty else None,
+                         sim_subjects=dict((meta.get("training") or {}).get("sim_subjects") or {}))
     from cardiac_copilot_ros.model.checkpoint import load_checkpoint, model_from_checkpoint
 
     try:
@@ -179,6 +195,10 @@ def load_model(path: str | Path, name: str | None = None, device: str = "cpu",
         with torch.inference_mode():
             return model(image, plane, bool(refine))
 
+    def forward_scale(image: torch.Tensor, plane: torch.Tensor, refine: bool = False) -> torch.Tensor:
+        with torch.inference_mode():
+            return model.forward_with_scale(image, plane, bool(refine))
+
     h, w = state["input_size"]
     from cardiac_copilot_ros.eval_pipeline import one_pass
 
@@ -186,7 +206,9 @@ def load_model(path: str | Path, name: str | None = None, device: str = "cpu",
     return EvalModel(name=name, source=path, kind="run", has_dreamer=bool(model.has_dreamer),
                      planes=tuple(model.plane_names),
                      input_size=(int(h), int(w)), forward=forward, multi=multi,
-                     manifest_sha256=state.get("data_manifest_sha256"), train_data=cfg.get("data"),
+                     forward_scale=forward_scale if getattr(model, "has_uncertainty", False) else None,
+                     sim_subjects=dict(state.get("sim_subjects") or {}),
+                     manifest_sha256=state.get("data_manifest_sha256"), train_data=cfg.get("data") or None,
                      info={"checkpoint": state["path"], "step": state.get("step"), "model": cfg.get("model"),
                            "preset": cfg.get("preset"), "backbone": state["model_args"].get("backbone"),
                            "best": (state.get("best") or {}).get("val_mae_mean")})
@@ -283,6 +305,95 @@ def fig3_curves(errors: dict[str, np.ndarray], gt: np.ndarray, plane: np.ndarray
     return out
 
 
+#: Two-sided probability of the central Laplace intervals reported by :func:`calibration`.
+COVERAGE_LEVELS = (0.68, 0.95)
+
+
+def bootstrap_subjects(errors: dict[str, np.ndarray], subject: np.ndarray, plane: np.ndarray,
+                       planes: Sequence[str], reference: str = MEAN_ENTRY, n_boot: int = 2000, seed: int = 0,
+                       level: float = 0.95) -> dict[str, Any]:
+    """MAE per plane (and ``ALL`` planes) and axis with percentile bootstrap CIs over subjects.
+
+    Subjects are resampled with replacement (``n_boot`` times, fixed ``seed``); in each resample the
+    MAE is the mean absolute error over all frames of the drawn subjects (a subject drawn twice counts
+    twice). The same resamples serve every entry, so ratios and differences are paired.
+
+    Returns ``{"entries": {entry: {plane: {"mae", "lo", "hi", "ratio", "ratio_lo", "ratio_hi"}}},
+    "pairs": {"A - B": {plane: {"diff", "lo", "hi"}}}, ...}``, each a list of 6 (mm, deg; ratio =
+    MAE / MAE of ``reference``).
+    """
+    subject = np.asarray(subject)
+    subs = np.unique(subject)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(subs), size=(int(n_boot), len(subs)))
+    alpha = (1.0 - level) / 2.0
+    groups = [(name, plane == i) for i, name in enumerate(planes) if (plane == i).any()]
+    groups.append(("ALL", np.ones(len(plane), bool)))
+    sums: dict[str, dict[str, np.ndarray]] = {e: {} for e in errors}
+    counts: dict[str, np.ndarray] = {}
+    sub_idx = np.searchsorted(subs, subject)
+    for gname, sel in groups:
+        cnt = np.bincount(sub_idx[sel], minlength=len(subs)).astype(np.float64)
+        counts[gname] = cnt
+        for e, err in errors.items():
+            tot = np.zeros((len(subs), 6))
+            np.add.at(tot, sub_idx[sel], np.asarray(err, np.float64)[sel])
+            sums[e][gname] = tot
+
+    def boot(e: str, g: str) -> tuple[np.ndarray, np.ndarray]:
+        c = counts[g][draws].sum(1)[:, None]
+        return sums[e][g].sum(0) / max(counts[g].sum(), 1.0), sums[e][g][draws].sum(1) / np.maximum(c, 1.0)
+
+    def q(x: np.ndarray) -> tuple[list[float], list[float]]:
+        return ([round(float(v), 4) for v in np.quantile(x, alpha, axis=0)],
+                [round(float(v), 4) for v in np.quantile(x, 1 - alpha, axis=0)])
+
+    out: dict[str, Any] = {"method": f"percentile bootstrap over subjects, {int(n_boot)} resamples, seed {seed}",
+                           "level": level, "n_subjects": int(len(subs)), "reference": reference,
+                           "entries": {}, "pairs": {}}
+    cache = {(e, g): boot(e, g) for e in errors for g, _ in groups}
+    for e in errors:
+        out["entries"][e] = {}
+        for g, _ in groups:
+            m, b = cache[(e, g)]
+            lo, hi = q(b)
+            row = {"mae": [round(float(v), 4) for v in m], "lo": lo, "hi": hi}
+            if reference in errors:
+                mr, br = cache[(reference, g)]
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    r_lo, r_hi = q(b / br)
+                    row.update(ratio=[round(float(v), 4) for v in m / mr], ratio_lo=r_lo, ratio_hi=r_hi)
+            out["entries"][e][g] = row
+    names = [e for e in errors if e != reference]
+    for i, a in enumerate(names):
+        for b_name in names[i + 1:]:
+            key = f"{a} - {b_name}"
+            out["pairs"][key] = {}
+            for g, _ in groups:
+                ma, ba = cache[(a, g)]
+                mb, bb = cache[(b_name, g)]
+                lo, hi = q(ba - bb)
+                out["pairs"][key][g] = {"diff": [round(float(v), 4) for v in ma - mb], "lo": lo, "hi": hi}
+    return out
+
+
+def calibration(errors: np.ndarray, scale: np.ndarray, levels: Sequence[float] = COVERAGE_LEVELS
+                ) -> dict[str, Any]:
+    """Coverage of the model's central Laplace intervals ``|error| <= b ln(1 / (1 - p))`` per axis.
+
+    ``errors`` (N, 6) absolute errors, ``scale`` (N, 6) predicted Laplace scales b (same units). A
+    calibrated model covers fraction ``p`` of the frames at level ``p`` and has mean b = MAE.
+    """
+    e = np.asarray(errors, np.float64)
+    b = np.asarray(scale, np.float64)
+    out: dict[str, Any] = {"n": len(e), "mean_scale": [round(float(v), 4) for v in b.mean(0)],
+                           "mae": [round(float(v), 4) for v in e.mean(0)], "coverage": {}}
+    for p in levels:
+        k = -np.log(1.0 - p)
+        out["coverage"][f"{p:.2f}"] = [round(float(v), 4) for v in (e <= k * b).mean(0)]
+    return out
+
+
 # ---------------------------------------------------------------------------------------
 # Held-out check
 # ---------------------------------------------------------------------------------------
@@ -295,6 +406,9 @@ def held_out_check(model: EvalModel, cache_dir: Path, split: str, manifest: dict
     "overlap" means training subjects are evaluated.
     """
     names = _split_subjects(manifest, split)
+    sim = sim_held_out_check(model, names)
+    if sim is not None and (sim["status"] == "overlap" or not (model.manifest_sha256 or model.train_data)):
+        return sim
     if model.manifest_sha256 and model.manifest_sha256 == manifest.get("manifest_sha256"):
         if split in ("train", "all"):
             return {"status": "overlap", "overlap": sorted(set(manifest["splits"]["train"]) & set(names)),
@@ -331,6 +445,23 @@ def held_out_check(model: EvalModel, cache_dir: Path, split: str, manifest: dict
             "message": f"{model.name}: training data unknown or not found (manifest "
                        f"{(model.manifest_sha256 or '?')[:12]}); cannot verify that the evaluated subjects "
                        "are held out"}
+
+
+def sim_held_out_check(model: EvalModel, names: Sequence[str]) -> dict[str, Any] | None:
+    """Overlap of ``names`` with the simulator subjects ``model`` trained or validated on (None: the
+    model used no frames rendered on the fly)."""
+    if not model.sim_subjects:
+        return None
+    trained = set(model.sim_subjects.get("train", [])) | set(model.sim_subjects.get("val", []))
+    overlap = sorted(trained & set(names))
+    if overlap:
+        return {"status": "overlap", "overlap": overlap,
+                "message": f"{model.name}: {len(overlap)} evaluated subject(s) were among its simulator "
+                           f"training/validation subjects ({', '.join(overlap[:5])}"
+                           f"{' ...' if len(overlap) > 5 else ''})"}
+    return {"status": "ok", "overlap": [],
+            "message": f"{model.name}: no evaluated subject is among its {len(trained)} simulator training/"
+                       "validation subjects"}
 
 
 def _split_subjects(manifest: dict[str, Any], split: str) -> list[str]:
@@ -511,6 +642,194 @@ def evaluate(models: Sequence[EvalModel], cache_dir: str | Path, split: str = "t
 
 
 # ---------------------------------------------------------------------------------------
+# The approach set: frames over the closed loop's whole start range, held-out subjects
+# ---------------------------------------------------------------------------------------
+
+#: Approach-set defaults: held-out split, subjects, frames per subject and plane, generator seed.
+APPROACH_DEFAULTS = {"split": "test", "subjects": 24, "frames_per_plane": 40, "seed": 12}
+#: Training subjects and frames per plane whose label mean is the approach set's "train mean" predictor.
+APPROACH_MEAN_SUBJECTS = 200
+
+
+def predict_scales(model: EvalModel, images: np.ndarray, plane: np.ndarray, indices: np.ndarray,
+                   batch_size: int = 64, device: str = "cpu") -> np.ndarray | None:
+    """The policy's Laplace scales b (N, 6) mm/deg (None for a model without uncertainty)."""
+    if model.forward_scale is None:
+        return None
+    import torch
+
+    dev = torch.device(device)
+    out = np.zeros((len(indices), 6), np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(indices), batch_size):
+            idx = indices[start:start + batch_size]
+            x = torch.from_numpy(np.asarray(images[idx], np.uint8)).unsqueeze(1).to(dev).float().div_(255.0)
+            x = _resize(x, model.input_size)
+            p = torch.from_numpy(np.asarray(plane[idx], np.int64)).to(dev)
+            out[start:start + len(idx)] = model.forward_scale(x, p, False)[:, 6:].float().cpu().numpy()
+    return out
+
+
+def evaluate_approach(models: Sequence[EvalModel], split: str = "test", n_subjects: int = 24,
+                      frames_per_plane: int = 40, seed: int = 12, batch_size: int = 64, device: str = "cpu",
+                      baseline: str | None = None, allow_overlap: bool = False, fig_bins: int = 8,
+                      fig_min_count: int = 10, n_boot: int = 2000, progress: bool = True,
+                      log: Callable[[str], None] = print) -> EvalResult:
+    """Evaluate ``models`` on the held-out approach set (:func:`~.data.approach.make_approach_set`).
+
+    The set is rendered at 224 px (as scanner_sim_node publishes) on the ``split`` subjects
+    (:data:`~.data.approach.SPLIT_SEEDS`), deterministically from ``seed``. The train-mean row
+    always predicts the mean label of the same recipe on the first :data:`APPROACH_MEAN_SUBJECTS`
+    train subjects. ``details`` adds ``bootstrap`` (:func:`bootstrap_subjects`: MAE, ratio to the
+    train-mean row and every pairwise difference, with 95 % CIs over subjects) and ``calibration``
+    (:func:`calibration`, models with an uncertainty head).
+    """
+    from cardiac_copilot_ros.data.approach import approach_label_mean, make_approach_set, split_seeds, subject_ids
+
+    if not models:
+        raise EvaluationError("no model to evaluate")
+    if split not in ("val", "test"):
+        raise EvaluationError(f"approach split must be val or test, got {split!r}")
+    entries = [e for m in models for e in m.entries]
+    if len(set(entries)) != len(entries):
+        raise EvaluationError(f"duplicate model names {entries}; pass --names")
+    sizes = {m.input_size for m in models}
+    seeds = split_seeds(split, n_subjects)
+    names = subject_ids(seeds)
+    checks = []
+    for m in models:
+        chk = sim_held_out_check(m, names) or {
+            "status": "unknown", "overlap": [],
+            "message": f"{m.name}: its training subjects are not recorded in the model; cannot verify that "
+                       f"the approach {split} subjects ({names[0]}..{names[-1]}) are held out"}
+        checks.append({"model": m.name, **chk})
+        if chk["status"] == "overlap":
+            if not allow_overlap:
+                raise EvaluationError(f"not held out: {chk['message']}; pass --allow-overlap to evaluate anyway")
+            log(f"warning: not held out: {chk['message']}")
+        elif chk["status"] != "ok":
+            log(f"warning: {chk['message']}")
+    # one rendering per input size (the runtime's area resize from 224 px)
+    sets = {hw: make_approach_set(seeds, frames_per_plane, image_size=hw[0], render_size=224, seed=seed,
+                                  progress=progress) for hw in sizes if hw[0] == hw[1]}
+    if len(sets) != len(sizes):
+        raise EvaluationError("approach set: non-square model inputs are not supported")
+    first = next(iter(sets.values()))
+    gt = np.asarray(first.actions, np.float64)
+    plane = first.plane
+    subject = first.subject
+    indices = np.arange(len(gt))
+    planes = tuple(first.meta["planes"])
+    errors: dict[str, np.ndarray] = {}
+    timings: dict[str, float] = {}
+    calib: dict[str, Any] = {}
+    for m in models:
+        aset = sets[m.input_size]
+        t0 = time.perf_counter()
+        own_plane = model_planes(m, planes, aset.plane, aset.plane)  # the model's view order
+        preds = predict(m, aset.images, own_plane, indices, batch_size, device, progress)
+        for entry, pred in preds.items():
+            if not np.isfinite(pred).all():
+                raise EvaluationError(f"{entry}: non-finite predictions")
+            errors[entry] = abs_errors(pred, gt)
+        scales = predict_scales(m, aset.images, own_plane, indices, batch_size, device)
+        if scales is not None:
+            for entry in m.entries:
+                calib[entry] = {"ALL": calibration(errors[entry], scales),
+                                **{p: calibration(errors[entry][plane == i], scales[plane == i])
+                                   for i, p in enumerate(planes) if (plane == i).any()}}
+        timings[m.name] = round(time.perf_counter() - t0, 3)
+    mean_action = approach_label_mean(split_seeds("train", APPROACH_MEAN_SUBJECTS), frames_per_plane, seed)
+    errors[MEAN_ENTRY] = abs_errors(np.broadcast_to(mean_action, gt.shape), gt)
+    results = {e: per_plane_stats(errors[e], plane, planes) for e in entries}
+    if baseline is None:
+        baseline = next((m.name for m in models if not m.has_dreamer), models[0].entries[0])
+    if baseline not in results:
+        raise EvaluationError(f"--baseline {baseline!r} is not one of the entries: {', '.join(entries)}")
+    rel = {e: relative_change(results[e], results[baseline]) for e in entries if e != baseline}
+    every = np.zeros(len(plane), np.int64)
+    details: dict[str, Any] = {
+        "format": "cardiac_copilot_evaluation", "format_version": 1,
+        "created": _dt.datetime.now().isoformat(timespec="seconds"),
+        "axes": list(ACTION_AXES), "units": list(ACTION_UNITS),
+        "metrics": {"mae": "mean absolute error per axis", "std": "standard deviation (ddof 0) of the absolute "
+                    "error", "rel_change_pct": "(mae - mae_baseline) / mae_baseline * 100; negative = better",
+                    "angles": "Euler-angle errors wrapped to [0, 180] deg",
+                    "ratio": "MAE / MAE of the train-mean predictor (bootstrap)",
+                    "coverage": "fraction of frames inside the model's central Laplace interval"},
+        "cache": None, "manifest_sha256": None, "split": f"approach-{split}", "approach": first.meta,
+        "split_subjects": names, "n_frames": len(gt),
+        "n_frames_per_plane": {p: int((plane == i).sum()) for i, p in enumerate(planes) if (plane == i).any()},
+        "n_frames_per_source": {str(k): int(v) for k, v in zip(*np.unique(first.source, return_counts=True),
+                                                              strict=True)},
+        "entries": entries, "baseline": baseline, "relative_change_pct": rel,
+        "train_mean": {"action": [round(float(v), 4) for v in mean_action],
+                       "per_plane": per_plane_stats(errors[MEAN_ENTRY], plane, planes),
+                       "from": f"label mean of the same recipe on train subjects {SPLIT_TRAIN_NOTE}"},
+        "all_planes": {e: per_plane_stats(errors[e], every, ["ALL"])["ALL"] for e in [*entries, MEAN_ENTRY]},
+        "models": [{"name": m.name, "source": str(m.source), "kind": m.kind, "has_dreamer": m.has_dreamer,
+                    "has_uncertainty": m.forward_scale is not None, "entries": m.entries,
+                    "input_size": list(m.input_size), "data_manifest_sha256": m.manifest_sha256,
+                    "train_data": m.train_data, **m.info, "seconds": timings[m.name]} for m in models],
+        "held_out": checks, "device": device,
+        "bootstrap": bootstrap_subjects(errors, subject, plane, planes, MEAN_ENTRY, n_boot=n_boot),
+        "calibration": calib,
+        "fig3": {"x": {"translation": "|(x, y, z)| of the ground-truth action (mm)",
+                       "rotation": "geodesic angle of the ground-truth rotation (deg)"},
+                 "y": {"translation": "mean |error| of x, y, z (mm)", "rotation": "mean |error| of roll, pitch, "
+                       "yaw (deg)"}, "bins": fig_bins, "min_count": fig_min_count,
+                 "planes": fig3_curves(errors, gt, plane, planes, fig_bins, fig_min_count)},
+    }
+    return EvalResult(results=results, details=details, errors=errors, gt=gt, plane=plane, planes=planes)
+
+
+SPLIT_TRAIN_NOTE = f"(the first {APPROACH_MEAN_SUBJECTS} of data.approach's train seeds)"
+
+
+def format_ci_markdown(res: EvalResult) -> str:
+    """MAE [95 % CI], ratio to the train mean [CI], pairwise differences [CI] and calibration."""
+    d = res.details
+    boot = d.get("bootstrap")
+    if not boot:
+        return ""
+    lines = [f"MAE [95 % CI] and ratio to the train-mean predictor [95 % CI]; {boot['method']}, "
+             f"{boot['n_subjects']} subjects.", "",
+             f"| plane | model | {' | '.join(AXIS_LABELS)} |", "|---|---|" + "---|" * 6]
+    groups = [*d["n_frames_per_plane"], "ALL"]
+    for g in groups:
+        for e, per in boot["entries"].items():
+            r = per[g]
+            cells = [f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in zip(r["mae"], r["lo"], r["hi"], strict=True)]
+            lines.append(f"| {g} | {e} | {' | '.join(cells)} |")
+            if "ratio" in r and e != boot["reference"]:
+                cells = [f"{m:.2f} [{lo:.2f}, {hi:.2f}]" for m, lo, hi in
+                         zip(r["ratio"], r["ratio_lo"], r["ratio_hi"], strict=True)]
+                lines.append(f"| {g} | *ratio {e} / {boot['reference']}* | {' | '.join(cells)} |")
+    if boot["pairs"]:
+        lines += ["", "Differences of MAE between models (first minus second; an interval that excludes 0 is a "
+                  "difference beyond the subject-to-subject noise):", "",
+                  f"| plane | pair | {' | '.join(AXIS_LABELS)} |", "|---|---|" + "---|" * 6]
+        for g in groups:
+            for key, per in boot["pairs"].items():
+                r = per[g]
+                cells = [f"{m:+.2f} [{lo:+.2f}, {hi:+.2f}]" for m, lo, hi in
+                         zip(r["diff"], r["lo"], r["hi"], strict=True)]
+                lines.append(f"| {g} | {key} | {' | '.join(cells)} |")
+    if d.get("calibration"):
+        lines += ["", "Calibration of the predicted Laplace scale b (all planes): coverage of the central 68 % / "
+                  "95 % intervals (|error| <= 1.14 b / 3.00 b), mean b against the MAE:", "",
+                  f"| model | quantity | {' | '.join(AXIS_LABELS)} |", "|---|---|" + "---|" * 6]
+        for e, per in d["calibration"].items():
+            c = per["ALL"]
+            for lvl, cov in c["coverage"].items():
+                lines.append(f"| {e} | coverage of the {float(lvl) * 100:.0f} % interval | "
+                             f"{' | '.join(f'{v * 100:.0f} %' for v in cov)} |")
+            pairs = (f"{b:.2f} / {m:.2f}" for b, m in zip(c["mean_scale"], c["mae"], strict=True))
+            lines.append(f"| {e} | mean b / MAE | {' | '.join(pairs)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------
 # Tables and the figure
 # ---------------------------------------------------------------------------------------
 
@@ -655,6 +974,9 @@ def write_outputs(res: EvalResult, out: Path, json_path: Path | None = None, tit
         paths["json"] = json_path
     paths["details"].write_text(json.dumps(res.details, indent=2) + "\n")
     paths["table_md"].write_text(format_markdown(res))
+    if res.details.get("bootstrap"):
+        paths["table_ci_md"] = out / "table_ci.md"
+        paths["table_ci_md"].write_text(format_ci_markdown(res))
     write_csv(res, paths["table_csv"])
     plot_fig3(res, paths["fig3"], title)
     return paths
@@ -668,7 +990,8 @@ def write_outputs(res: EvalResult, out: Path, json_path: Path | None = None, tit
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", metavar="RUN_OR_BUNDLE",
                         help="run folders (best.pt), training checkpoints, or bundles (.pt, .pt2)")
-    parser.add_argument("--data", required=True, type=Path, metavar="DIR", help="training cache to evaluate on")
+    parser.add_argument("--data", default=None, type=Path, metavar="DIR",
+                        help="training cache to evaluate on (its --split); optional with --approach")
     parser.add_argument("--split", default="test", choices=("test", "val", "train", "all"),
                         help="split of the cache (default test: subjects held out from training)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE",
@@ -691,6 +1014,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fig-min-count", type=int, default=10, metavar="N",
                         help="leave out Fig. 3 bins with fewer frames (10)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = parser.add_argument_group("approach set (frames over the closed loop's whole start range, rendered "
+                                  "deterministically on held-out simulator subjects; written to OUT/approach/)")
+    g.add_argument("--approach", nargs="?", const=APPROACH_DEFAULTS["split"], choices=("test", "val"), default=None,
+                   help="also evaluate on the approach set of these subjects (test: seeds 9000.., val: 8000..; "
+                        "default test)")
+    g.add_argument("--approach-subjects", type=int, default=APPROACH_DEFAULTS["subjects"], metavar="N",
+                   help=f"subjects (default {APPROACH_DEFAULTS['subjects']})")
+    g.add_argument("--approach-frames", type=int, default=APPROACH_DEFAULTS["frames_per_plane"], metavar="N",
+                   help=f"frames per subject and plane (default {APPROACH_DEFAULTS['frames_per_plane']})")
+    g.add_argument("--approach-seed", type=int, default=APPROACH_DEFAULTS["seed"], metavar="S",
+                   help=f"generator seed of the set (default {APPROACH_DEFAULTS['seed']})")
+    g.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (2000)")
 
 
 def resolve_device(name: str) -> str:
@@ -705,10 +1040,15 @@ def resolve_device(name: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        if args.data is None and args.approach is None:
+            raise EvaluationError("give --data CACHE (its --split) and/or --approach [test|val]")
         if args.names is not None and len(args.names) != len(args.models):
             raise EvaluationError(f"--names gives {len(args.names)} names for {len(args.models)} models")
         if args.batch_size < 1 or args.fig_bins < 1:
             raise EvaluationError("--batch-size and --fig-bins must be >= 1")
+        if args.approach is not None and (args.approach_subjects < 2 or args.approach_frames < 1
+                                          or args.bootstrap < 100):
+            raise EvaluationError("--approach-subjects must be >= 2, --approach-frames >= 1, --bootstrap >= 100")
         device = resolve_device(args.device)
         if args.threads is not None:
             import torch
@@ -720,15 +1060,34 @@ def run(args: argparse.Namespace) -> int:
             raise EvaluationError(f"--model-sha256 gives {len(pins)} digests for {len(args.models)} models")
         pins = [None if p in ("", "-") else p for p in pins]
         models = [load_model(p, n, device, sha) for p, n, sha in zip(args.models, names, pins, strict=True)]
-        res = evaluate(models, args.data, args.split, batch_size=args.batch_size, device=device,
-                       baseline=args.baseline, allow_overlap=args.allow_overlap, fig_bins=args.fig_bins,
-                       fig_min_count=args.fig_min_count, progress=not args.no_progress,
-                       log=lambda s: print(s, file=sys.stderr))
+        log = lambda s: print(s, file=sys.stderr)  # noqa: E731
+        res = None
+        if args.data is not None:
+            res = evaluate(models, args.data, args.split, batch_size=args.batch_size, device=device,
+                           baseline=args.baseline, allow_overlap=args.allow_overlap, fig_bins=args.fig_bins,
+                           fig_min_count=args.fig_min_count, progress=not args.no_progress, log=log)
+        res_a = None
+        if args.approach is not None:
+            res_a = evaluate_approach(models, args.approach, args.approach_subjects, args.approach_frames,
+                                      args.approach_seed, batch_size=args.batch_size, device=device,
+                                      baseline=args.baseline, allow_overlap=args.allow_overlap,
+                                      fig_bins=args.fig_bins, fig_min_count=args.fig_min_count,
+                                      n_boot=args.bootstrap, progress=not args.no_progress, log=log)
     except EvaluationError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2
     out = args.out or (args.json.parent if args.json else Path("outputs") / f"eval-{_dt.datetime.now():%Y%m%d_%H%M%S}")
-    paths = write_outputs(res, out, args.json)
-    print(format_text(res))
-    print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+    written: list[Path] = []
+    if res is not None:
+        written += write_outputs(res, out, args.json).values()
+        print(format_text(res))
+    if res_a is not None:
+        written += write_outputs(res_a, out / "approach" if res is not None else out,
+                                 args.json if res is None else None,
+                                 title=f"Approach set ({res_a.details['split']}, {res_a.details['n_frames']} frames)"
+                                 ).values()
+        print(("\n" if res is not None else "") + f"approach set ({res_a.details['split']}):")
+        print(format_text(res_a))
+        print("\n" + format_ci_markdown(res_a))
+    print(f"\nwrote {', '.join(str(p) for p in written)}")
     return 0

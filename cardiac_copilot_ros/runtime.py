@@ -153,6 +153,9 @@ class Prediction:
     action: np.ndarray  #: (6,) float64: x, y, z in mm; roll, pitch, yaw in deg ('sxyz')
     plane: str  #: canonical plane name
     refined: bool  #: True when the Dreamer refinement was applied
+    #: (6,) float64 per-axis Laplace scale b of the action (mm, deg; the expected absolute error), or
+    #: None for bundles without uncertainty (metadata ``has_uncertainty``)
+    action_scale: np.ndarray | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)  #: preprocess, inference, total
 
 
@@ -187,6 +190,7 @@ class GuidanceRuntime:
         self.input_size: tuple[int, int] = (int(self.bundle.input_size[0]), int(self.bundle.input_size[1]))
         self.planes: tuple[str, ...] = tuple(str(p) for p in self.bundle.planes)
         self.has_dreamer: bool = bool(self.bundle.has_dreamer)
+        self.has_uncertainty: bool = bool(self.bundle.has_uncertainty)
         self._plane_index = {name: i for i, name in enumerate(self.planes)}
         self._module, self.optimization = self._optimized(self.bundle.module, optimize)
         self._lock = threading.Lock()
@@ -301,9 +305,10 @@ class GuidanceRuntime:
 
         try:
             with quiet_torch_deprecations():
-                frozen = torch.jit.freeze(module)
+                keep = ["forward_with_scale"] if self.bundle.has_uncertainty else []
+                frozen = torch.jit.freeze(module, preserved_attrs=keep)
                 if self.device == "cpu":
-                    return torch.jit.optimize_for_inference(frozen), "frozen+optimize_for_inference"
+                    return torch.jit.optimize_for_inference(frozen, keep), "frozen+optimize_for_inference"
                 return frozen, "frozen"
         except Exception:
             return module, "none (freeze failed)"
@@ -357,16 +362,20 @@ class GuidanceRuntime:
         t1 = time.perf_counter()
         with self._lock:
             try:
-                if self._onnx is not None:  # engine onnxruntime
-                    out_np = self._onnx.run(x[None, None], np.array([self._plane_index[name]], np.int64), refined)
-                    action = np.asarray(out_np, np.float64)[0, :6]
+                if self._onnx is not None:  # engine onnxruntime: (1, 12) with uncertainty, else (1, 6)
+                    out = np.asarray(self._onnx.run(x[None, None], np.array([self._plane_index[name]], np.int64),
+                                                    refined), np.float64).reshape(-1)
                 else:
                     self._buf[0, 0].copy_(torch.from_numpy(x))
                     inp = self._buf.to(self.device, non_blocking=True) if self.device != "cpu" else self._buf
                     plane_t = torch.tensor([self._plane_index[name]], dtype=torch.int64, device=self.device)
                     with torch.inference_mode():
-                        out = self._module(inp, plane_t, refined)
-                    action = out.detach().to("cpu", torch.float64).numpy().reshape(-1)
+                        if self.has_uncertainty:
+                            out_t = self._module.forward_with_scale(inp, plane_t, refined)
+                        else:
+                            out_t = self._module(inp, plane_t, refined)
+                    out = out_t.detach().to("cpu", torch.float64).numpy().reshape(-1)
+                action, scale = (out[:6], out[6:12]) if self.has_uncertainty else (out[:6], None)
             except Exception as exc:
                 raise InferenceError(f"model {self.path.name} failed on a {x.shape} frame: "
                                      f"{type(exc).__name__}: {exc}") from exc
@@ -375,7 +384,10 @@ class GuidanceRuntime:
             raise InferenceError(f"model {self.path.name} returned shape {action.shape}, expected (6,)")
         if not np.all(np.isfinite(action)):
             raise InferenceError(f"model {self.path.name} returned a non-finite action {action.tolist()}")
+        if scale is not None and not (scale.shape == (6,) and np.all(np.isfinite(scale))):
+            raise InferenceError(f"model {self.path.name} returned a bad action scale {scale.tolist()}")
         return Prediction(action=action.copy(), plane=name, refined=refined,
+                          action_scale=None if scale is None else scale.copy(),
                           timings_ms={"preprocess": (t1 - t0) * 1e3, "inference": (t2 - t1) * 1e3,
                                       "total": (t2 - t0) * 1e3})
 

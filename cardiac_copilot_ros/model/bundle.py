@@ -21,6 +21,11 @@ CLI option ``--model-sha256``).
 ``image`` float32 (B, 1, H, W) in [0, 1], ``plane`` int64 (B,) -> float32 (B, 6) in mm/deg.
 The metadata JSON sits in the archive as the extra file ``cardiac_copilot.json``.
 
+Bundles whose metadata says ``"has_uncertainty": true`` (TorchScript) also export
+``forward_with_scale(image, plane, refine) -> (B, 12)``: the action in columns 0..5 exactly as
+``forward`` returns it, the per-axis Laplace scale b (mm, deg; the expected absolute error of the
+policy head) in columns 6..11. Absent or false: no uncertainty (bundles before issue 12).
+
 PyTorch 2.14 deprecates torch.jit (FutureWarning on script, save, load); this module silences
 those warnings around its own calls so none reaches users.
 """
@@ -127,6 +132,7 @@ def build_metadata(model: nn.Module, input_size: tuple[int, int], *,
         "euler_axes": pose.EULER_AXES,
         "backbone": getattr(getattr(model, "encoder", None), "backbone", "unknown"),
         "has_dreamer": bool(getattr(model, "has_dreamer", False)),
+        "has_uncertainty": bool(getattr(model, "has_uncertainty", False)),
         "action_mean": [float(v) for v in model.action_mean.detach().cpu().tolist()],
         "action_std": [float(v) for v in model.action_std.detach().cpu().tolist()],
         "data_manifest_sha256": data_manifest_sha256,
@@ -241,6 +247,8 @@ def save_bundle(model: nn.Module, path: str | Path, meta: dict[str, Any], fmt: s
         export_onnx(model, meta, path)
         return path
     validate_metadata(meta, path)
+    if fmt == "export" and meta.get("has_uncertainty"):
+        meta = {**meta, "has_uncertainty": False}  # the .pt2 graph holds forward only
     model = model.eval().cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
     extra = {META_FILE: json.dumps(meta, indent=1, sort_keys=True)}
@@ -309,6 +317,18 @@ class Bundle:
     @property
     def backbone(self) -> str:
         return str(self.meta["backbone"])
+
+    @property
+    def has_uncertainty(self) -> bool:
+        """Whether the module exports ``forward_with_scale`` (metadata ``has_uncertainty``)."""
+        return bool(self.meta.get("has_uncertainty", False)) and hasattr(self.module, "forward_with_scale")
+
+    def forward_with_scale(self, image: torch.Tensor, plane: torch.Tensor, refine: bool = False) -> torch.Tensor:
+        """(B, 12): action (mm, deg) and per-axis Laplace scale b (mm, deg); bundles with uncertainty only."""
+        if not self.has_uncertainty:
+            raise BundleError(f"{self.path}: this bundle has no uncertainty output (has_uncertainty)")
+        with torch.inference_mode():
+            return self.module.forward_with_scale(image, plane, bool(refine))
 
     def __call__(self, image: torch.Tensor, plane: torch.Tensor, refine: bool = False) -> torch.Tensor:
         with torch.inference_mode():

@@ -26,7 +26,9 @@ def export_checkpoint(source: str | Path, out: str | Path, fmt: str | None = Non
     from cardiac_copilot_ros.model.checkpoint import load_checkpoint, model_from_checkpoint
 
     state = load_checkpoint(source, prefer="best")
+    reference = model_from_checkpoint(state)
     model = model_from_checkpoint(state)
+    model.head.fold_plane_query()  # exact; a smaller file (the check below compares with the unfolded model)
     out = Path(out)
     if fmt is None:
         fmt = "export" if out.suffix == ".pt2" else "torchscript"
@@ -35,11 +37,12 @@ def export_checkpoint(source: str | Path, out: str | Path, fmt: str | None = Non
     meta = build_metadata(model, (h, w), data_manifest_sha256=state.get("data_manifest_sha256"), extra={
         "model": cfg.get("model"), "training": {"checkpoint": str(state["path"]), "step": state.get("step"),
                                                 "preset": cfg.get("preset"), "best": state.get("best"),
-                                                "code_version": state.get("code_version")}})
+                                                "code_version": state.get("code_version"),
+                                                "sim_subjects": state.get("sim_subjects") or {}}})
     path = save_bundle(model, out, meta, fmt)
     result: dict[str, Any] = {"path": str(path), "format": fmt, "meta": meta, "max_abs_diff": None}
     if check:
-        result["max_abs_diff"] = check_bundle(model, path)
+        result["max_abs_diff"] = check_bundle(reference, path)
     return result
 
 
@@ -56,6 +59,10 @@ def check_bundle(model: torch.nn.Module, path: str | Path, batch: int = 3, seed:
         for refine in (False, True):
             ref = model(x, plane, refine)
             diffs["refine" if refine else "policy"] = float((bundle(x, plane, refine) - ref).abs().max())
+            if bundle.has_uncertainty:
+                ref12 = model.forward_with_scale(x, plane, refine)
+                key = "scale_refine" if refine else "scale_policy"
+                diffs[key] = float((bundle.forward_with_scale(x, plane, refine) - ref12).abs().max())
     return diffs
 
 

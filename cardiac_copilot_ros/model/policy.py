@@ -24,9 +24,14 @@ IMAGE_STD = 0.25
 
 
 class GuidanceHead(nn.Module):
-    """G(f, q): pooled feature (B, C) + plane index (B,) -> normalised action (B, 6)."""
+    """G(f, q): pooled feature (B, C) + plane index (B,) -> normalised action (B, 6).
 
-    def __init__(self, feat_channels: int = 512, n_planes: int = 3, query_dim: int = 512) -> None:
+    With ``uncertainty``, a linear layer on G's last hidden layer (512) also predicts the per-axis
+    log Laplace scale ``log b`` in normalised action units (:meth:`forward_scale`).
+    """
+
+    def __init__(self, feat_channels: int = 512, n_planes: int = 3, query_dim: int = 512,
+                 uncertainty: bool = False) -> None:
         super().__init__()
         self.query = nn.Embedding(n_planes, query_dim)
         nn.init.normal_(self.query.weight, std=0.1)
@@ -34,25 +39,60 @@ class GuidanceHead(nn.Module):
             nn.Linear(feat_channels + query_dim, 2048), nn.ReLU(inplace=True),
             nn.Linear(2048, 512), nn.ReLU(inplace=True),
             nn.Linear(512, 6))
+        self.log_scale = nn.Linear(512, 6) if uncertainty else None
+        self.folded = False
+
+    def _first(self, feat: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            return self.fc[0](feat) + self.query(plane)
+        return self.fc[0](torch.cat([feat, self.query(plane)], dim=1))
 
     def forward(self, feat: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.cat([feat, self.query(plane)], dim=1))
+        return self.fc[4](self.fc[3](self.fc[2](self.fc[1](self._first(feat, plane)))))
+
+    def forward_scale(self, feat: torch.Tensor, plane: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised action (B, 6), log Laplace scale in normalised units (B, 6))."""
+        log_scale = self.log_scale
+        if log_scale is None:
+            raise RuntimeError("this guidance head has no uncertainty output")
+        h = self.fc[3](self.fc[2](self.fc[1](self._first(feat, plane))))
+        return self.fc[4](h), log_scale(h).clamp(min=-9.0, max=6.0)
+
+    @torch.no_grad()
+    def fold_plane_query(self) -> None:
+        """Inference form (bundles): ``fc0(cat(f, q_p)) = W_f f + (W_q q_p + b)`` with the second
+        term a per-plane bias table, so the query half of the first layer's weights (512 x 2048)
+        is not stored. Exact up to float rounding; the head cannot be trained afterwards."""
+        if self.folded:
+            return
+        lin = self.fc[0]
+        c = lin.in_features - self.query.embedding_dim
+        first = nn.Linear(c, lin.out_features, bias=False)
+        first.weight.copy_(lin.weight[:, :c])
+        plane_bias = self.query.weight @ lin.weight[:, c:].T + lin.bias
+        self.fc[0] = first
+        self.query = nn.Embedding.from_pretrained(plane_bias.detach().clone(), freeze=True)
+        self.folded = True
 
 
 class GuidanceModel(nn.Module):
     """Policy E + G, with the optional Cardiac Dreamer I.
 
     ``forward(image, plane, refine)`` is the bundle contract: image float32 (B, 1, H, W) in
-    [0, 1], plane int64 (B,), refine -> action (B, 6) in mm/deg.
+    [0, 1], plane int64 (B,), refine -> action (B, 6) in mm/deg. With ``uncertainty``,
+    ``forward_with_scale(image, plane, refine)`` -> (B, 12): the same action in columns 0..5 and
+    the per-axis Laplace scale b (mm, deg; the expected absolute error) of the policy head in
+    columns 6..11 (docs/ARCHITECTURE.md and CONTRACTS: ``has_uncertainty``).
     """
 
     def __init__(self, backbone: str = "resnet34", n_planes: int = 3, dreamer: bool = True,
                  weights_path: str | Path | None = None, dreamer_dim: int = 256, dreamer_depth: int = 2,
-                 dreamer_heads: int = 4) -> None:
+                 dreamer_heads: int = 4, uncertainty: bool = False) -> None:
         super().__init__()
         self.encoder = Encoder(backbone, weights_path)
         c = self.encoder.out_channels
-        self.head = GuidanceHead(c, n_planes)
+        self.has_uncertainty = bool(uncertainty)
+        self.head = GuidanceHead(c, n_planes, uncertainty=uncertainty)
         self.has_dreamer = bool(dreamer)
         self.dreamer = CardiacDreamer(c, n_planes, dreamer_dim, dreamer_depth, dreamer_heads) if dreamer else None
         self.n_planes = n_planes
@@ -100,6 +140,19 @@ class GuidanceModel(nn.Module):
             residual = self.denormalize_action(self.head(imagined, plane))
             action = torch_pose.compose_actions(action, residual)
         return action
+
+    @torch.jit.export
+    def forward_with_scale(self, image: torch.Tensor, plane: torch.Tensor, refine: bool = False) -> torch.Tensor:
+        """(B, 12): ``forward``'s action (mm, deg) and the policy head's Laplace scale b (mm, deg)."""
+        fmap, feat = self.encode(image)
+        action_n, log_b = self.head.forward_scale(feat, plane)
+        action = self.denormalize_action(action_n)
+        dreamer = self.dreamer
+        if refine and dreamer is not None:
+            imagined = dreamer(fmap, self.normalize_action(action), plane)
+            residual = self.denormalize_action(self.head(imagined, plane))
+            action = torch_pose.compose_actions(action, residual)
+        return torch.cat([action, torch.exp(log_b) * self.action_std], dim=1)
 
     def refine_forward(self, image: torch.Tensor, plane: torch.Tensor) -> torch.Tensor:
         """``forward(image, plane, True)`` as a method of its own (for torch.export)."""

@@ -14,13 +14,16 @@ from cardiac_copilot_ros.training.config import MODELS, PRESETS, make_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", required=True, metavar="DIR", help="training cache (cardiac-copilot dataset build)")
+    parser.add_argument("--data", default="", metavar="DIR",
+                        help="training cache (cardiac-copilot dataset build); optional with --sim-subjects")
     parser.add_argument("--model", required=True, choices=MODELS, help="baseline policy or Cardiac Dreamer")
     parser.add_argument("--preset", default="paper", choices=list(PRESETS),
                         help="paper: ResNet-34, 224 px, 300 epochs, lr 1e-4 (GPUs); cpu: ResNet-18, 64 px, "
-                             "about an hour on 2 cores; smoke: seconds (tests). Default paper")
+                             "about an hour on 2 cores; approach: ResNet-10, 80 px, frames rendered on the fly "
+                             "over the closed loop's start range, uncertainty head; smoke: seconds (tests). "
+                             "Default paper")
     g = parser.add_argument_group("overrides (default: the preset's value)")
-    g.add_argument("--backbone", choices=("resnet18", "resnet34"))
+    g.add_argument("--backbone", choices=("resnet10", "resnet18", "resnet34"))
     g.add_argument("--weights", metavar="FILE", help="local torchvision ImageNet state dict for the trunk")
     g.add_argument("--input-size", type=int, metavar="PX",
                    help="model input size; images are resized on the device when the cache differs")
@@ -40,6 +43,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--policy-weight", type=float, help="weight of the plain policy loss on t1 (Dreamer)")
     g.add_argument("--dreamer-weight", type=float, help="weight of the Eq. 7 Dreamer losses")
     g.add_argument("--augment", action="store_true", default=None, help="photometric jitter on train images")
+    g.add_argument("--uncertainty", action=argparse.BooleanOptionalAction, default=None,
+                   help="predict a per-axis Laplace scale (Laplace NLL loss; bundle forward_with_scale)")
+    g.add_argument("--nll-weight", type=float, help="weight of the Laplace NLL (trains the scale only)")
+    g.add_argument("--sim-subjects", type=int, metavar="N",
+                   help="render training frames on the fly on N simulator subjects (seeds 20000..; 0: off)")
+    g.add_argument("--sim-val-subjects", type=int, metavar="N", help="validation subjects (seeds 8000..)")
+    g.add_argument("--sim-val-frames-per-plane", type=int, metavar="N")
+    g.add_argument("--sim-items-per-epoch", type=int, metavar="N")
+    g.add_argument("--sim-render-sizes", metavar="PX,PX", help="sizes the simulator renders at (e.g. 224)")
+    g.add_argument("--sim-mix", metavar="SRC=W,...",
+                   help="pose sources: uniform (start range), near (near the target), expert (demonstrations), "
+                        "cache (frames of --data)")
     g.add_argument("--val-every", type=int, metavar="STEPS", help="0: once per epoch")
     g.add_argument("--val-max-frames", type=int, metavar="N")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS")
@@ -56,13 +71,17 @@ def config_from_args(args: argparse.Namespace):
     over = {k: getattr(args, k, None) for k in (
         "backbone", "weights", "input_size", "epochs", "batch_size", "lr", "min_lr", "weight_decay", "amp",
         "workers", "threads", "seed", "max_gap", "policy_weight", "dreamer_weight", "augment", "val_every",
-        "val_max_frames", "checkpoint_every", "log_every", "device", "out_dir", "run_name")}
+        "val_max_frames", "checkpoint_every", "log_every", "device", "out_dir", "run_name", "uncertainty",
+        "nll_weight", "sim_subjects", "sim_val_subjects", "sim_val_frames_per_plane", "sim_items_per_epoch",
+        "sim_render_sizes", "sim_mix")}
     cfg = make_config(args.preset, data=str(args.data), model=args.model, **over)
     if args.max_steps is not None:
         cfg.max_steps = args.max_steps or None
     if args.no_progress:
         cfg.progress = False
     cfg.validate()
+    if not cfg.data and not cfg.sim_subjects:
+        raise ValueError("give --data (a training cache) and/or --sim-subjects N (frames rendered on the fly)")
     return cfg
 
 

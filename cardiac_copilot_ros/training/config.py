@@ -6,6 +6,8 @@ Presets (``--preset``):
   cosine annealing, batch 64 per process, AMP (bf16 where supported).
 * ``cpu``: learns something useful in about an hour on 2 CPU cores: ResNet-18, 64 px,
   batch 32, lr 3e-4, 2000 steps.
+* ``approach``: the default model (issue 12): ResNet-10, 64 px, frames rendered on the fly over the
+  closed loop's whole start range on 400 subjects, uncertainty head, 2000 steps (about an hour on 2 cores).
 * ``smoke``: seconds, for tests: ResNet-18, 32 px, batch 8, a few steps, no workers.
 """
 
@@ -49,6 +51,16 @@ class TrainConfig:
     smooth_l1_beta: float = 1.0
     max_gap: int = 1_000_000            # Dreamer pairs: t2 anywhere in t1's demonstration
     augment: bool = False               # photometric jitter (data.dataset.ImageJitter)
+    # uncertainty head (per-axis Laplace scale; Laplace NLL added to the SmoothL1 losses)
+    uncertainty: bool = False
+    nll_weight: float = 0.1
+    # simulator frames rendered on the fly (data.approach; 0 subjects = off, train on --data only)
+    sim_subjects: int = 0               # train subject seeds 20000.. (data.approach.SPLIT_SEEDS)
+    sim_val_subjects: int = 12          # val subject seeds 8000.. (a fixed approach set)
+    sim_val_frames_per_plane: int = 20  # per val subject and plane
+    sim_items_per_epoch: int = 50000
+    sim_render_sizes: str = "224"       # comma-separated px the simulator renders at (one drawn per item)
+    sim_mix: str = "uniform=0.4,near=0.35,expert=0.25,cache=0.25"  # pose sources (cache only with --data)
     # data loading
     workers: int = 4
     threads: int = 0                    # torch CPU threads per process; 0 = auto (cores / processes - workers)
@@ -68,8 +80,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.model not in MODELS:
             raise ValueError(f"--model must be one of {', '.join(MODELS)}, got {self.model!r}")
-        if self.backbone not in ("resnet18", "resnet34"):
-            raise ValueError(f"--backbone must be resnet18 or resnet34, got {self.backbone!r}")
+        if self.backbone not in ("resnet10", "resnet18", "resnet34"):
+            raise ValueError(f"--backbone must be resnet10, resnet18 or resnet34, got {self.backbone!r}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ValueError(f"--amp must be auto, off, bf16 or fp16, got {self.amp!r}")
         for name in ("batch_size", "epochs", "checkpoint_every", "log_every"):
@@ -81,6 +93,11 @@ class TrainConfig:
             raise ValueError("input_size must be >= 32 px (ResNet downsamples 32x)")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.sim_subjects < 0 or self.nll_weight < 0:
+            raise ValueError("sim_subjects and nll_weight must be >= 0")
+        if self.sim_subjects:
+            parse_mix(self.sim_mix)
+            parse_sizes(self.sim_render_sizes)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -91,12 +108,47 @@ class TrainConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """``"uniform=0.4,near=0.35,..."`` -> {source: weight} (data.approach.MIX keys)."""
+    from cardiac_copilot_ros.data.approach import MIX
+
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        key, _, val = part.partition("=")
+        if key not in MIX:
+            raise ValueError(f"--sim-mix: unknown source {key!r}; choose from {', '.join(MIX)}")
+        try:
+            out[key] = float(val)
+        except ValueError:
+            raise ValueError(f"--sim-mix: {part!r} is not SOURCE=WEIGHT") from None
+        if out[key] < 0:
+            raise ValueError(f"--sim-mix: negative weight in {part!r}")
+    if not any(v > 0 for k, v in out.items() if k != "cache"):
+        raise ValueError("--sim-mix needs a positive weight for uniform, near or expert")
+    return out
+
+
+def parse_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--sim-render-sizes must be comma-separated pixel sizes, got {text!r}") from None
+    if not sizes or any(not 16 <= v <= 1024 for v in sizes):
+        raise ValueError(f"--sim-render-sizes must be in 16..1024 px, got {text!r}")
+    return sizes
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(backbone="resnet34", input_size=224, epochs=300, batch_size=64, lr=1e-4, min_lr=1e-6,
                   workers=8, val_every=0, checkpoint_every=2000, log_every=20),
     "cpu": dict(backbone="resnet18", input_size=64, epochs=1000, max_steps=2000, batch_size=32, lr=3e-4,
                 min_lr=1e-5, workers=1, prefetch=4, val_every=200, val_max_frames=600,
                 checkpoint_every=200, log_every=10, dreamer_dim=128, dreamer_depth=2, dreamer_heads=4),
+    # the default since issue 12: ResNet-10 at 80 px on frames rendered over the whole start range
+    "approach": dict(backbone="resnet10", input_size=64, epochs=1000, max_steps=2000, batch_size=32, lr=5e-4,
+                     min_lr=1e-5, workers=1, prefetch=6, val_every=250, checkpoint_every=250, log_every=20,
+                     dreamer_dim=128, dreamer_depth=2, dreamer_heads=4, uncertainty=True, sim_subjects=400,
+                     augment=True, sim_render_sizes="128"),
     "smoke": dict(backbone="resnet18", input_size=32, epochs=1, max_steps=4, batch_size=8, lr=1e-3,
                   min_lr=1e-4, workers=0, val_every=2, val_max_frames=64, checkpoint_every=2, log_every=1,
                   dreamer_dim=32, dreamer_depth=1, dreamer_heads=2, progress=False),

@@ -119,11 +119,19 @@ def _evenly(ds: Dataset, max_n: int | None) -> Dataset:
 
 
 def make_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, dict[str, Any]]:
-    """(train dataset, val FrameDataset, manifest) from ``cfg.data``."""
+    """(train dataset, val dataset, manifest) from ``cfg.data`` and/or frames rendered on the fly.
+
+    With ``cfg.sim_subjects`` the train set is :class:`~..data.approach.SimFrameDataset` (or its
+    pair variant for the Dreamer) on train seeds, mixed with ``cfg.data``'s train split when given,
+    and the val set is a fixed approach set on the val seeds; the returned manifest then carries
+    ``input_size``, ``manifest_sha256`` (the cache's, or None) and ``sim`` (the seeds used).
+    """
     from cardiac_copilot_ros.data.dataset import FrameDataset, ImageJitter, PairDataset, load_manifest
 
-    manifest = load_manifest(cfg.data)
     transform = ImageJitter() if cfg.augment else None
+    if cfg.sim_subjects:
+        return _sim_datasets(cfg, transform)
+    manifest = load_manifest(cfg.data)
     if cfg.model == "dreamer":
         train = PairDataset(cfg.data, "train", max_gap=cfg.max_gap, seed=cfg.seed, transform=transform)
     else:
@@ -135,6 +143,70 @@ def make_datasets(cfg: TrainConfig) -> tuple[Dataset, Dataset, dict[str, Any]]:
         print(f"note: {cfg.data} has no val frames; validating on the train split")
         val = FrameDataset(cfg.data, "train")
     return train, _evenly(val, cfg.val_max_frames), manifest
+
+
+class ArrayFrames(Dataset):
+    """A fixed frame set in memory (e.g. :class:`~..data.approach.ApproachSet`) as FrameDataset items."""
+
+    def __init__(self, images: np.ndarray, actions: np.ndarray, plane: np.ndarray, subject: np.ndarray) -> None:
+        self.images, self.actions, self.plane, self.subject = images, actions, plane, subject
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        return {"image": torch.from_numpy(np.array(self.images[k], np.uint8)).unsqueeze(0),
+                "action": torch.from_numpy(np.asarray(self.actions[k], np.float32)),
+                "plane": torch.tensor(int(self.plane[k]), dtype=torch.int64),
+                "subject": torch.tensor(int(self.subject[k]), dtype=torch.int64)}
+
+
+def sim_subjects(cfg: TrainConfig) -> dict[str, list[str]]:
+    """Subject ids the on-the-fly data of ``cfg`` trains (``train``) and validates (``val``) on."""
+    from cardiac_copilot_ros.data.approach import split_seeds, subject_ids
+
+    if not cfg.sim_subjects:
+        return {}
+    return {"train": subject_ids(split_seeds("train", cfg.sim_subjects)),
+            "val": subject_ids(split_seeds("val", cfg.sim_val_subjects))}
+
+
+def _sim_datasets(cfg: TrainConfig, transform: Any) -> tuple[Dataset, Dataset, dict[str, Any]]:
+    from cardiac_copilot_ros.data.approach import (
+        SimFrameDataset,
+        SimPairDataset,
+        SubjectOverlapError,
+        make_approach_set,
+        split_seeds,
+    )
+    from cardiac_copilot_ros.data.dataset import FrameDataset, load_manifest
+    from cardiac_copilot_ros.training.config import parse_mix, parse_sizes
+
+    size = int(cfg.input_size or 64)
+    train_seeds = split_seeds("train", cfg.sim_subjects)
+    val_seeds = split_seeds("val", cfg.sim_val_subjects)
+    held = {"val": val_seeds, "test": split_seeds("test", 1000)}
+    cache, manifest = None, {"manifest_sha256": None}
+    if cfg.data:
+        manifest = dict(load_manifest(cfg.data))
+        cache = FrameDataset(cfg.data, "train")
+        cache_seeds = {int(n[3:]) for n in manifest["splits"]["train"] if n.startswith("sim") and n[3:].isdigit()}
+        for name, seeds in held.items():
+            both = sorted(cache_seeds & set(seeds))
+            if both:
+                raise SubjectOverlapError(f"{cfg.data}: train subjects overlap the {name} subjects (seeds "
+                                          f"{both[:5]})")
+    cls = SimPairDataset if cfg.model == "dreamer" else SimFrameDataset
+    train = cls(train_seeds, length=cfg.sim_items_per_epoch, image_size=size,
+                render_sizes=parse_sizes(cfg.sim_render_sizes), mix=parse_mix(cfg.sim_mix), seed=cfg.seed,
+                held_out=held, cache=cache, jitter=transform is not None)
+    vs = make_approach_set(val_seeds, cfg.sim_val_frames_per_plane, image_size=size, seed=cfg.seed + 1)
+    val = ArrayFrames(vs.images, vs.actions, vs.plane, vs.subject)
+    mean, std = train.label_stats()
+    manifest.update(input_size=[size, size], sim={"train_seeds": [train_seeds[0], train_seeds[-1]],
+                                                   "val_seeds": [val_seeds[0], val_seeds[-1]],
+                                                   "action_mean": mean.tolist(), "action_std": std.tolist()})
+    return train, val, manifest
 
 
 def make_loader(ds: Dataset, cfg: TrainConfig, sampler: DistributedSampler, device: torch.device,
@@ -161,8 +233,11 @@ def to_input(images_u8: torch.Tensor, device: torch.device, size: int | None) ->
 
 def model_args(cfg: TrainConfig) -> dict[str, Any]:
     """Constructor arguments of :class:`GuidanceModel` (saved in checkpoints)."""
-    return {"backbone": cfg.backbone, "dreamer": cfg.model == "dreamer", "dreamer_dim": cfg.dreamer_dim,
+    args = {"backbone": cfg.backbone, "dreamer": cfg.model == "dreamer", "dreamer_dim": cfg.dreamer_dim,
             "dreamer_depth": cfg.dreamer_depth, "dreamer_heads": cfg.dreamer_heads}
+    if cfg.uncertainty:
+        args["uncertainty"] = True
+    return args
 
 
 def build_model(cfg: TrainConfig, mean: np.ndarray, std: np.ndarray,
@@ -179,8 +254,8 @@ def build_model(cfg: TrainConfig, mean: np.ndarray, std: np.ndarray,
 class TrainStep(torch.nn.Module):
     """What DDP wraps: one forward pass producing every prediction the loss needs.
 
-    ``(image, plane, rel_norm)`` -> ``(G(E(S_t1), q), G(I(E(S_t1), rel), q) or None)``, both in
-    normalised action units.
+    ``(image, plane, rel_norm)`` -> ``(G(E(S_t1), q), G(I(E(S_t1), rel), q) or None, log b or None)``,
+    all in normalised action units (log b: the policy's log Laplace scale, with an uncertainty head).
     """
 
     def __init__(self, model: GuidanceModel) -> None:
@@ -188,13 +263,25 @@ class TrainStep(torch.nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor, plane: torch.Tensor, rel_norm: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         fmap, feat = self.model.encode(x)
-        pred_t1 = self.model.head(feat, plane)
+        log_b = None
+        if self.model.has_uncertainty:
+            pred_t1, log_b = self.model.head.forward_scale(feat, plane)
+        else:
+            pred_t1 = self.model.head(feat, plane)
         if rel_norm is None or self.model.dreamer is None:
-            return pred_t1, None
+            return pred_t1, None, log_b
         imagined = self.model.dreamer(fmap, rel_norm, plane)
-        return pred_t1, self.model.head(imagined, plane)
+        return pred_t1, self.model.head(imagined, plane), log_b
+
+
+def laplace_nll(pred_n: torch.Tensor, log_b: torch.Tensor, target_n: torch.Tensor) -> torch.Tensor:
+    """Mean Laplace negative log-likelihood ``log(2 b) + |target - pred| / b`` (normalised units).
+
+    ``pred_n`` is detached: the NLL trains the scale only; SmoothL1 keeps training the action.
+    """
+    return (log_b + (target_n - pred_n.detach()).abs() * torch.exp(-log_b)).mean() + math.log(2.0)
 
 
 def compute_loss(model: GuidanceModel, step_module: torch.nn.Module, batch: dict[str, torch.Tensor],
@@ -211,9 +298,13 @@ def compute_loss(model: GuidanceModel, step_module: torch.nn.Module, batch: dict
     a1 = batch["action1" if dreamer else "action"].to(device, non_blocking=True).float()
     rel = batch["rel_action"].to(device, non_blocking=True).float() if dreamer else None
     with autocast:
-        pred_t1_n, pred_t2_n = step_module(x, plane, model.normalize_action(rel) if rel is not None else None)
+        pred_t1_n, pred_t2_n, log_b = step_module(x, plane, model.normalize_action(rel) if rel is not None else None)
     l_policy = F.smooth_l1_loss(pred_t1_n.float(), model.normalize_action(a1), beta=beta)
     parts = {"loss_policy": float(l_policy.detach())}
+    if log_b is not None:
+        l_nll = laplace_nll(pred_t1_n.float(), log_b.float(), model.normalize_action(a1))
+        parts["loss_nll"] = float(l_nll.detach())
+        l_policy = l_policy + cfg.nll_weight * l_nll
     if pred_t2_n is None or rel is None:
         return l_policy, parts
     a2 = batch["action2"].to(device, non_blocking=True).float()
@@ -283,6 +374,7 @@ def save_checkpoint(path: Path, *, model: GuidanceModel, optimizer: torch.optim.
         "data_manifest_sha256": manifest.get("manifest_sha256"),
         "action_mean": model.action_mean.tolist(), "action_std": model.action_std.tolist(),
         "best": best, "run_dir": str(run_dir), "code_version": code_version(),
+        "sim_subjects": sim_subjects(cfg),
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
     }
     tmp = path.with_name(path.name + ".tmp")
@@ -345,7 +437,11 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
     resize = None if size == cache_size else size
     from cardiac_copilot_ros.data.dataset import action_stats
 
-    mean, std = action_stats(cfg.data)
+    if cfg.sim_subjects:
+        mean = np.asarray(manifest["sim"]["action_mean"], np.float32)
+        std = np.asarray(manifest["sim"]["action_std"], np.float32)
+    else:
+        mean, std = action_stats(cfg.data)
     model = build_model(cfg, mean, std, manifest.get("planes")).to(device)
     if state is not None:
         if list(state.get("planes") or PLANE_NAMES[: model.n_planes]) != model.plane_names:
@@ -358,7 +454,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
         step_module = torch.nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None)
 
-    train_sampler = ResumableSampler(train_ds, world, rank, shuffle=True, seed=cfg.seed)
+    train_sampler = ResumableSampler(train_ds, world, rank, shuffle=not getattr(train_ds, "sequential", False),
+                                     seed=cfg.seed)
     val_sampler = DistributedSampler(val_ds, num_replicas=world, rank=rank, shuffle=False)
     train_loader = make_loader(train_ds, cfg, train_sampler, device, drop_last=len(train_ds) >= cfg.batch_size * world)
     val_loader = make_loader(val_ds, cfg, val_sampler, device, drop_last=False)
@@ -389,6 +486,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
                                          "train_items": len(train_ds), "val_frames": len(val_ds),
                                          "action_mean": mean.tolist(), "action_std": std.tolist(),
                                          "data_manifest_sha256": manifest.get("manifest_sha256"),
+                                         "sim": manifest.get("sim"), "sim_subjects": sim_subjects(cfg),
                                          "code_version": code_version(), "resumed_from": str(resume or "")}},
             indent=2, sort_keys=True))
         old = run_dir / "metrics.json"
