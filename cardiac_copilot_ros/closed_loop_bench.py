@@ -3,8 +3,8 @@
 What runs (over real DDS, each node in its own process, as in a deployment):
 
 * ``scanner_sim_node`` on a held-out subject (seeds ``--subject-seed`` + k, default 9000 + k, or
-  the list / range ``--subject-seeds``: the default model is trained on seeds 0-149), restarted for each subject (``subject_seed`` is
-  read-only); it stands in for MoveIt Servo and the arm;
+  the list / range ``--subject-seeds``: the default model is trained on seeds 0-149), restarted
+  for each subject (``subject_seed`` is read-only); it stands in for MoveIt Servo and the arm;
 * ``guidance_node`` with the bundle, reconfigured per episode (``target_plane``, ``guidance_mode``:
   ``fused`` = the fused target estimate, the node's default, or ``per_frame`` = each frame's
   prediction alone; its fused estimate is reset through ``~/reset_target`` at each fused episode);

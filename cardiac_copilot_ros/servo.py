@@ -478,11 +478,13 @@ class ServoController:
             self._timed_out = True
             self._filt_lin = self._filt_ang = None
             self._within_since_s = None
+            self._leave_plane(events)
             self._set_state(ServoState.TIMEOUT, "no fresh guidance" if self._g_lin is not None
                             else "enabled, waiting for fresh guidance")
         elif not self._gate_open:
             self._timed_out = False
             self._within_since_s = None
+            self._leave_plane(events)
             self._set_state(ServoState.PAUSED, "guidance jumped beyond the confidence gate; "
                             f"waiting for {cfg.gate_settle_frames} consistent frames")
         else:
@@ -566,6 +568,12 @@ class ServoController:
             self._cmd_lin = np.zeros(3)
         if not np.any(target_ang) and _norm(self._cmd_ang) < 1e-12:
             self._cmd_ang = np.zeros(3)
+
+    def _leave_plane(self, events: list[str]) -> None:
+        """Guidance lost or jumped (e.g. the target estimate was reset): "plane reached" no longer holds."""
+        if self._converged and not self.config.converge_latch:
+            self._converged = False
+            events.append("plane_left")
 
     def _unstable_beyond_release(self) -> bool:
         """While converged: the raw guidance spread beyond the release factor times its tolerance."""

@@ -464,3 +464,20 @@ def test_stale_target_spread_is_ignored() -> None:
     sim.guidance = guid([0.001, 0, 0])
     sim.run(2.0)
     assert sim.ctl.state is ServoState.CONVERGED
+
+
+def test_reached_is_withdrawn_when_the_guidance_jumps_or_stops() -> None:
+    """A reset of the target estimate (the patient moved, a plane switch) makes the guidance jump:
+    the servo pauses and "plane reached" is withdrawn (plane_left), as when the guidance stops."""
+    for change in ("jump", "timeout"):
+        sim = Sim()
+        sim.enable()
+        sim.guidance = guid([0.001, 0, 0])
+        sim.run(1.5)
+        assert sim.ctl.state is ServoState.CONVERGED
+        sim.guidance = guid([0.04, 0, 0]) if change == "jump" else None
+        cmds = published(sim.run(0.5))
+        assert any("plane_left" in c.events for c in cmds), change
+        assert any(c.state is (ServoState.PAUSED if change == "jump" else ServoState.TIMEOUT) for c in cmds)
+        assert cmds[-1].state is not ServoState.CONVERGED
+        assert not any("plane_reached" in c.events for c in cmds)

@@ -16,6 +16,9 @@ Stands in for the hardware (docs/SIMULATOR.md):
 
 Setting ``start_offset`` (6 numbers: mm, mm, mm, deg, deg, deg from the target, pose =
 target @ U(offset)) at run time teleports the probe; ``target_plane`` is changeable at run time.
+``patient_offset`` (same units) is the subject's pose in ``base_frame``; setting it at run time
+moves the patient (a simulated patient movement): the target moves in ``base_frame`` while the
+arm holds the probe where it is in ``base_frame``, so the image changes.
 With ``replay_bag`` set the node replays that bag's poses, images and annotations with fresh
 stamps (commands are ignored).
 """
@@ -44,7 +47,7 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from ..planes import UnknownPlaneError, parse_plane
-from ..pose import action_to_matrix, rotvec_to_rotation
+from ..pose import action_to_matrix, invert, rotvec_to_rotation
 from .conversions import gray_to_image_msg, matrix_to_pose_stamped
 from .lifecycle import spin_node
 
@@ -91,6 +94,9 @@ class ScannerSimNode(Node):
         self.declare_parameter("start_offset", DEFAULT_START_OFFSET, P(
             description="Start pose as an action from the target [x, y, z mm, roll, pitch, yaw deg], "
                         "pose = target @ U(offset); setting it at run time teleports the probe."))
+        self.declare_parameter("patient_offset", [0.0] * 6, P(
+            description="The subject's pose in base_frame [x, y, z mm, roll, pitch, yaw deg]; setting it at run "
+                        "time moves the patient: the target moves, the probe stays where it is in base_frame."))
         self.declare_parameter("base_frame", "panda_link0", P(description="Frame of probe_pose (read-only).",
                                                               read_only=True))
         self.declare_parameter("probe_frame", "us_probe", P(description="Probe frame (read-only).",
@@ -117,6 +123,7 @@ class ScannerSimNode(Node):
         except UnknownPlaneError as exc:
             raise ValueError(str(exc)) from exc
         self._offset = self._check_offset(gp("start_offset").value)
+        self._P = action_to_matrix(self._check_offset(gp("patient_offset").value))  # base <- subject
         self._base = gp("base_frame").value
         self._probe = gp("probe_frame").value
         self._image_frame = gp("image_frame").value
@@ -188,7 +195,7 @@ class ScannerSimNode(Node):
             try:
                 if p.name == "target_plane":
                     updates[p.name] = parse_plane(p.value).name
-                elif p.name == "start_offset":
+                elif p.name in ("start_offset", "patient_offset"):
                     updates[p.name] = self._check_offset(p.value)
                 elif p.name in ("cmd_timeout_s", "max_linear_speed_mps", "max_angular_speed_rps"):
                     v = float(p.value)
@@ -209,7 +216,11 @@ class ScannerSimNode(Node):
             if "start_offset" in updates:
                 self._offset = updates["start_offset"]
                 self._teleport_locked()
-        if "target_plane" in updates:
+            if "patient_offset" in updates:  # the probe keeps its base_frame pose
+                P_new = action_to_matrix(updates["patient_offset"])
+                self._T = invert(P_new) @ self._P @ self._T
+                self._P = P_new
+        if "target_plane" in updates or "patient_offset" in updates:
             self._publish_target()
         return SetParametersResult(successful=True)
 
@@ -220,7 +231,7 @@ class ScannerSimNode(Node):
         self._cmd = None
 
     def probe_pose_mm(self) -> np.ndarray:
-        """Current probe pose (4, 4), base frame, mm."""
+        """Current probe pose (4, 4) relative to the subject, mm (the base frame while patient_offset is 0)."""
         with self._lock:
             return self._T.copy()
 
@@ -258,6 +269,8 @@ class ScannerSimNode(Node):
                     lin = lin * (self._max_lin / n_lin)
                 if n_ang > self._max_ang:
                     ang = ang * (self._max_ang / n_ang)
+                if in_base:  # base-frame axes -> subject axes
+                    lin, ang = self._P[:3, :3].T @ lin, self._P[:3, :3].T @ ang
                 dR = rotvec_to_rotation(ang * dt)
                 dp = lin * dt * 1000.0
                 T = self._T.copy()
@@ -270,7 +283,7 @@ class ScannerSimNode(Node):
                 self._T = T
             elif self._cmd is not None:
                 self._cmd = None
-            T = self._T
+            T = self._P @ self._T
         self._pub_pose.publish(matrix_to_pose_stamped(T, now, self._base))
 
     def _on_image_timer(self) -> None:
@@ -285,11 +298,11 @@ class ScannerSimNode(Node):
 
     def _publish_target(self) -> None:
         with self._lock:
-            plane = self._plane
+            plane, P = self._plane, self._P
         if self._replay is not None and self._replay.target is not None:
             T = self._replay.target
         else:
-            T = self._subject.target_pose(plane)
+            T = P @ self._subject.target_pose(plane)
         self._pub_target.publish(matrix_to_pose_stamped(T, self.get_clock().now().nanoseconds, self._base))
 
 
