@@ -55,8 +55,8 @@ class FusionConfig:
     min_estimates: int = 3              # before outlier gating and a finite spread
     robust_mm: float = 10.0             # Cauchy scale of the agreement weight (translation)
     robust_deg: float = 10.0            # Cauchy scale of the agreement weight (rotation)
-    gate_mm: float = 30.0               # outlier gate floor (translation)
-    gate_deg: float = 30.0              # outlier gate floor (rotation)
+    gate_mm: float = 20.0               # outlier gate floor (translation)
+    gate_deg: float = 20.0              # outlier gate floor (rotation)
     gate_sigma: float = 4.0             # outlier gate in units of the current spread
     reset_after_outliers: int = 6       # consecutive rejections -> reset (the patient moved)
     default_scale_mm: float = 10.0      # uncertainty assumed without the model's action_scale
@@ -189,10 +189,13 @@ class TargetFusion:
     def configure(self, config: FusionConfig) -> None:
         self.config = config.validate()
 
-    def reset(self, reason: str = "requested") -> None:
-        """Forget every estimate (e.g. the patient was repositioned)."""
+    def reset(self, reason: str = "requested", key_change: bool = False) -> None:
+        """Forget every estimate (e.g. the patient was repositioned); ``key_change``: counted as a
+        change of what is estimated (a plane switch announced before its first frame)."""
         self._clear(reason)
-        if reason == "requested":
+        if key_change:
+            self.counters.resets_key += 1
+        else:
             self.counters.resets_requested += 1
 
     def _clear(self, reason: str) -> None:

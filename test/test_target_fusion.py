@@ -136,6 +136,8 @@ def test_reset_on_gap_and_on_request() -> None:
     assert f.counters.resets_gap == 1
     f.reset()
     assert f.fused is None and f.counters.resets_requested == 1
+    f.reset("plane switch", key_change=True)
+    assert f.counters.resets_key == 1 and f.last_reset == "plane switch"
 
 
 def test_reset_on_persistent_disagreement_patient_moved() -> None:

@@ -676,11 +676,11 @@ class GuidanceNode(Node):
                 if config is not None:
                     self._fusion.configure(config)
                 if mode is not None and mode != self._guidance_mode:
-                    self._fusion.reset("guidance_mode changed")
+                    self._fusion.reset("guidance_mode changed", key_change=True)
                     self._guidance_mode = mode
                     self.get_logger().info(f"guidance_mode: {mode}")
                 if plane_changed:  # the old estimate must not drive pose-rate guidance for the new plane
-                    self._fusion.reset("target plane or model changed")
+                    self._fusion.reset("target plane or model changed", key_change=True)
                 if rate is not None:
                     self._pose_guidance_rate_hz = rate
 
@@ -770,7 +770,9 @@ class GuidanceNode(Node):
             last_reset = self._fusion.last_reset
             mode = self._guidance_mode
         out = {"guidance_mode": mode, "fusion_estimates": str(fc.estimates), "fusion_outliers": str(fc.outliers),
-               "fusion_resets": str(fc.resets), "fusion_last_reset": str(last_reset or "")}
+               "fusion_resets": str(fc.resets), "fusion_resets_key": str(fc.resets_key),
+               "fusion_resets_gap": str(fc.resets_gap), "fusion_resets_disagreement": str(fc.resets_disagreement),
+               "fusion_resets_requested": str(fc.resets_requested), "fusion_last_reset": str(last_reset or "")}
         out.update({k: str(v) for k, v in counts.items()})
         if ft is not None:
             out["fused_frames_in_window"] = str(ft.n)
