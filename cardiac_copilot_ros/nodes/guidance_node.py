@@ -64,15 +64,15 @@ IMAGE_TRANSPORTS = ("both", "raw", "compressed")
 RELIABILITIES = ("best_effort", "reliable")
 POSE_SOURCES = ("topic", "tf")
 DEVICES = ("auto", "cpu", "cuda")
-THROTTLE_S = 2.0
-#: Probe poses kept for lookups at image stamps.
-POSE_BUFFER = 200
 #: guidance_mode values: fused target estimate (default) or each frame's prediction alone.
 GUIDANCE_MODES = ("fused", "per_frame")
 #: node parameter -> TargetFusion field (all changeable at run time).
 FUSION_PARAMS = {"fusion_time_constant_s": "time_constant_s", "fusion_window_s": "window_s",
                  "fusion_max_gap_s": "max_gap_s", "fusion_gate_mm": "gate_mm", "fusion_gate_deg": "gate_deg",
                  "fusion_reset_after_outliers": "reset_after_outliers"}
+THROTTLE_S = 2.0
+#: Probe poses kept for lookups at image stamps.
+POSE_BUFFER = 200
 
 
 class StartupError(RuntimeError):
@@ -246,6 +246,7 @@ class GuidanceNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         self._declare_parameters()
+        self._declare_fusion_parameters()
         gp = self.get_parameter
         self._base_frame = gp("base_frame").value
         self._probe_frame = gp("probe_frame").value
@@ -366,7 +367,6 @@ class GuidanceNode(Node):
         d("plane_size_m", [0.04, 0.10], _descr("target plane outline [width, depth] in metres"))
         d("diagnostics_period_s", 1.0, _descr("period [s] of /diagnostics", True,
                                               floating_point_range=_float_range(0.05, 60.0)))
-        self._declare_fusion_parameters()
 
     def _load_runtime(self) -> GuidanceRuntime:
         raw = str(self.get_parameter("model_path").value).strip()
@@ -413,9 +413,6 @@ class GuidanceNode(Node):
     # -- parameters at run time --------------------------------------------------------------
 
     def _on_set_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        fusion_error, apply_fusion = self._check_fusion_parameters(params)
-        if fusion_error:
-            return SetParametersResult(successful=False, reason=fusion_error)
         updates: dict[str, Any] = {}
         for p in params:
             if p.name == "target_plane":
@@ -457,7 +454,6 @@ class GuidanceNode(Node):
             self._max_pose_age_s = updates["pose_age"]
         if "lifetime" in updates:
             self._marker_lifetime_s = updates["lifetime"]
-        apply_fusion()
         return SetParametersResult(successful=True)
 
     # -- callbacks (executor threads) ---------------------------------------------------------
@@ -648,43 +644,42 @@ class GuidanceNode(Node):
         self._last_pose_guidance = -math.inf  # monotonic s
         self._pub_target_cov = self.create_publisher(PoseWithCovarianceStamped, "target_pose_cov", 10)
         self._reset_srv = self.create_service(Trigger, "~/reset_target", self._on_reset_target)
+        # validated with the other parameters, applied once all of a set call succeeded
+        self.add_on_set_parameters_callback(self._check_fusion_parameters)
+        self.add_post_set_parameters_callback(self._apply_fusion_parameters)
 
-    def _check_fusion_parameters(self, params: list[Parameter]) -> tuple[str, Any]:
-        """Validate the fusion parameters among ``params``: (error or "", function applying them)."""
-        changes: dict[str, Any] = {}
-        mode = None
-        rate = None
-        plane_changed = False
+    def _fusion_changes(self, params: list[Parameter]) -> tuple[str, FusionConfig | None]:
+        """(error or "", the new fusion configuration or None) for the fusion parameters in ``params``."""
+        changes = {FUSION_PARAMS[p.name]: p.value for p in params if p.name in FUSION_PARAMS}
         for p in params:
-            if p.name == "guidance_mode":
-                if p.value not in GUIDANCE_MODES:
-                    return f"guidance_mode must be one of {', '.join(GUIDANCE_MODES)}", None
-                mode = p.value
-            elif p.name == "pose_guidance_rate_hz":
-                rate = float(p.value)
-            elif p.name in FUSION_PARAMS:
-                changes[FUSION_PARAMS[p.name]] = p.value
-            elif p.name in ("target_plane", "use_dreamer"):
-                plane_changed = True
+            if p.name == "guidance_mode" and p.value not in GUIDANCE_MODES:
+                return f"guidance_mode must be one of {', '.join(GUIDANCE_MODES)}", None
         try:
-            config = self._fusion.config.updated(**changes) if changes else None
+            return "", self._fusion.config.updated(**changes) if changes else None
         except (ValueError, TypeError) as exc:
             return str(exc), None
 
-        def apply() -> None:
-            with self._fusion_lock:
-                if config is not None:
-                    self._fusion.configure(config)
-                if mode is not None and mode != self._guidance_mode:
-                    self._fusion.reset("guidance_mode changed", key_change=True)
-                    self._guidance_mode = mode
-                    self.get_logger().info(f"guidance_mode: {mode}")
-                if plane_changed:  # the old estimate must not drive pose-rate guidance for the new plane
-                    self._fusion.reset("target plane or model changed", key_change=True)
-                if rate is not None:
-                    self._pose_guidance_rate_hz = rate
+    def _check_fusion_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        error, _ = self._fusion_changes(params)
+        return SetParametersResult(successful=not error, reason=error)
 
-        return "", apply
+    def _apply_fusion_parameters(self, params: list[Parameter]) -> None:
+        """After a successful set: apply the fusion parameters, reset on a mode, plane or model change."""
+        _, config = self._fusion_changes(params)
+        names = {p.name: p.value for p in params}
+        with self._fusion_lock:
+            if config is not None:
+                self._fusion.configure(config)
+            mode = names.get("guidance_mode")
+            if mode is not None and mode != self._guidance_mode:
+                self._fusion.reset("guidance_mode changed", key_change=True)
+                self._guidance_mode = mode
+                self.get_logger().info(f"guidance_mode: {mode}")
+            if "target_plane" in names or "use_dreamer" in names:
+                # the old estimate must not drive pose-rate guidance for the new plane
+                self._fusion.reset("target plane or model changed", key_change=True)
+            if "pose_guidance_rate_hz" in names:
+                self._pose_guidance_rate_hz = float(names["pose_guidance_rate_hz"])
 
     def _on_reset_target(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         with self._fusion_lock:
