@@ -350,6 +350,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="NAME=VALUE",
                         help="servo parameter overrides on top of the bench's "
                              f"({', '.join(f'{k}={v:g}' for k, v in BENCH_SERVO_PARAMS.items())})")
+    parser.add_argument("--guidance-params", type=_servo_param, nargs="+", action="extend", default=[],
+                        metavar="NAME=VALUE",
+                        help="guidance_node parameter overrides, e.g. fusion_time_constant_s=3 (model modes)")
     parser.add_argument("--success-mm", type=float, default=5.0, help="success: final translation error [mm]")
     parser.add_argument("--success-deg", type=float, default=5.0,
                         help="success: final rotation error, one geodesic angle [deg]")
@@ -640,7 +643,8 @@ class _Bench:
         mode = next((m for m in self.modes if m in MODEL_MODES), "fused")
         self._start("guidance", "cardiac_copilot_ros.nodes.guidance_node",
                     {"model_path": str(self.bundle.resolve()), "target_plane": plane, "guidance_mode": mode,
-                     "use_dreamer": self.use_dreamer, "publish_tf": False, "device": self.args.device})
+                     "use_dreamer": self.use_dreamer, "publish_tf": False, "device": self.args.device,
+                     **dict(self.args.guidance_params)})
         self._start("servo", "cardiac_copilot_ros.nodes.servo_node", self.servo_params)
         if "oracle" in self.modes:  # the oracle servo must not see the model's fused target spread
             self._start("servo_oracle", "cardiac_copilot_ros.nodes.servo_node", self.servo_params,
@@ -908,6 +912,7 @@ def run(args: argparse.Namespace) -> int:
         "subject_seeds": sorted({e.subject_seed for e in episodes}),
         "start_offset_range": {"mm": [max_mm, max_mm, max_mm / 5.0], "deg": [max_deg] * 3},
         "success_mm": args.success_mm, "success_deg": args.success_deg, "servo_params": bench.servo_params,
+        "guidance_params": dict(args.guidance_params),
         "image_size": args.image_size, "pose_rate_hz": args.pose_rate_hz, "settle_s": args.settle_s,
         "complete": rc == 0,
     }

@@ -89,6 +89,8 @@ def test_arguments() -> None:
     assert args.modes == list(clb.MODES) and args.subject_seeds is None and args.dreamer is None
     assert _parse(["--subject-seeds", "100-102", "--modes", "oracle,per-frame"]).subject_seeds == [100, 101, 102]
     assert _parse(["--modes", "oracle,per-frame"]).modes == ["per_frame", "oracle"]
+    assert dict(_parse(["--guidance-params", "fusion_time_constant_s=3"]).guidance_params) == {
+        "fusion_time_constant_s": 3.0}
     with pytest.raises(SystemExit):
         _parse(["--modes", "dreamer"])
     assert args.planes == ["PLAX", "PSAX-AV"]
