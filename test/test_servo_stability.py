@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from test_servo_law import CFG, DT, RATE, Sim, guid, published
 
-from cardiac_copilot_ros.servo import ServoCommand, ServoConfig, ServoState
+from cardiac_copilot_ros.pose import rotation_to_rotvec, rotvec_to_rotation
+from cardiac_copilot_ros.servo import ProbePose, ServoCommand, ServoConfig, ServoState
 
 
 class AlternatingSim(Sim):
@@ -118,3 +119,73 @@ def test_reached_is_withdrawn_when_the_guidance_jumps_or_stops() -> None:
         assert any(c.state is (ServoState.PAUSED if change == "jump" else ServoState.TIMEOUT) for c in cmds)
         assert cmds[-1].state is not ServoState.CONVERGED
         assert not any("plane_reached" in c.events for c in cmds)
+
+
+class KinematicSim(Sim):
+    """Integrates the commands into the probe pose; guidance from a 'model' of the pose."""
+
+    def __init__(self, model, config: ServoConfig, start: np.ndarray) -> None:
+        super().__init__(config, ProbePose(start))
+        self.model = model
+
+    def run(self, seconds: float) -> list[ServoCommand]:
+        out = []
+        for _ in range(int(round(seconds * RATE))):
+            self.guidance = (*self.model(self.pose.T_mm), None)
+            cmds = super().run(1.0 / RATE)
+            c = cmds[-1]
+            T = self.pose.T_mm.copy()
+            T[:3, 3] += T[:3, :3] @ (c.linear_mps * DT * 1000.0)
+            T[:3, :3] = T[:3, :3] @ rotvec_to_rotation(c.angular_rps * DT)
+            self.pose = ProbePose(T)
+            out += cmds
+        return out
+
+
+def _truth(target: np.ndarray):
+    def model(T: np.ndarray):
+        rel = np.linalg.solve(T, target)
+        return rel[:3, 3] / 1000.0, rotation_to_rotvec(rel[:3, :3])
+    return model
+
+
+def test_final_approach_check_passes_a_consistent_guidance_and_stops_a_fixed_point() -> None:
+    """verify_step_m: the true remaining motion passes the check and reaches the target; a model with a
+    fixed point 12 mm off (guidance 1 mm wherever the probe is, i.e. its target moves with the probe)
+    holds still, steady and small, but fails the check: never reached, and the status says why."""
+    cfg = CFG.updated(verify_step_m=0.008)
+    target = np.eye(4)
+    target[:3, 3] = [300.0, 0.0, 400.0]
+    start = target.copy()
+    start[:3, 3] += [12.0, -5.0, 3.0]
+    good = KinematicSim(_truth(target), cfg, start)
+    good.enable()
+    cmds = published(good.run(12.0))
+    assert any("plane_reached" in c.events for c in cmds)
+    assert good.ctl.counters.verify_passed == 1 and good.ctl.counters.verify_failed == 0
+    assert np.linalg.norm(good.pose.T_mm[:3, 3] - target[:3, 3]) < 3.0
+    assert "passed" in good.ctl.status()["final_approach_check"]
+    # the probe stepped sideways by 8 mm and came back (the path shows the step)
+    xs = [c.linear_mps[0] for c in cmds]
+    assert max(xs) > 0.005
+
+    stuck = KinematicSim(lambda T: (np.array([0.001, 0.0, 0.0]), np.zeros(3)), cfg, start)
+    stuck.enable()
+    cmds = published(stuck.run(20.0))
+    assert not any("plane_reached" in c.events for c in cmds)
+    assert stuck.ctl.counters.verify_failed == cfg.verify_attempts and stuck.ctl.counters.converged == 0
+    assert "final-approach check failed" in stuck.ctl.reason and "moved" in stuck.ctl.reason
+    # without the check the same fixed point is reported as reached
+    old = KinematicSim(lambda T: (np.array([0.001, 0.0, 0.0]), np.zeros(3)), CFG, start)
+    old.enable()
+    assert any("plane_reached" in c.events for c in published(old.run(5.0)))
+
+
+def test_final_approach_check_needs_the_probe_to_move() -> None:
+    """A probe that does not follow the commands (a fixed pose) cannot be checked: not reached."""
+    sim = Sim(CFG.updated(verify_step_m=0.008))
+    sim.enable()
+    sim.guidance = guid([0.001, 0, 0])
+    cmds = published(sim.run(15.0))
+    assert not any("plane_reached" in c.events for c in cmds)
+    assert "moved only" in sim.ctl.reason, sim.ctl.reason

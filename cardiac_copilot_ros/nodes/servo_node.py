@@ -109,6 +109,15 @@ _PARAMS: dict[str, tuple[str, tuple[float, float] | None]] = {
                                  "when published) below this; 0 = no check.", (0.0, 0.1)),
     "converge_target_spread_rad": ("Fused target spread [rad] (from target_pose_cov) below this; 0 = no check.",
                                    (0.0, 1.0)),
+    "verify_step_m": ("Final-approach check before the first 'plane reached': step this far [m] sideways (probe x) "
+                      "and check that the target the guidance implies stands still; 0 = off.", (0.0, 0.05)),
+    "verify_tolerance_m": ("Final-approach check: largest move [m] of the implied target over the step.",
+                           (0.0, 0.05)),
+    "verify_tolerance_rad": ("Final-approach check: largest rotation [rad] of the implied target over the step.",
+                             (0.0, 1.0)),
+    "verify_settle_s": ("Final-approach check: hold still this long [s] after the step before reading the "
+                        "guidance.", (0.0, 10.0)),
+    "verify_attempts": ("Final-approach checks per enable; after this many failures: not reached.", (1, 100)),
 }
 _READ_ONLY = {"control_rate_hz", "status_period_s", "probe_frame"}
 
