@@ -47,7 +47,7 @@ from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
 from ..planes import UnknownPlaneError, parse_plane
-from ..pose import action_to_matrix, invert, rotvec_to_rotation
+from ..pose import action_to_matrix, rotvec_to_rotation
 from .conversions import gray_to_image_msg, matrix_to_pose_stamped
 from .lifecycle import spin_node
 
@@ -218,7 +218,7 @@ class ScannerSimNode(Node):
                 self._teleport_locked()
             if "patient_offset" in updates:  # the probe keeps its base_frame pose
                 P_new = action_to_matrix(updates["patient_offset"])
-                self._T = invert(P_new) @ self._P @ self._T
+                self._T = np.linalg.inv(P_new) @ self._P @ self._T
                 self._P = P_new
         if "target_plane" in updates or "patient_offset" in updates:
             self._publish_target()
