@@ -195,7 +195,9 @@ class ScannerSimNode(Node):
             try:
                 if p.name == "target_plane":
                     updates[p.name] = parse_plane(p.value).name
-                elif p.name in ("start_offset", "patient_offset"):
+                elif p.name == "start_offset":
+                    updates[p.name] = self._check_offset(p.value)
+                elif p.name == "patient_offset":
                     updates[p.name] = self._check_offset(p.value)
                 elif p.name in ("cmd_timeout_s", "max_linear_speed_mps", "max_angular_speed_rps"):
                     v = float(p.value)
