@@ -734,6 +734,9 @@ class GuidanceNode(Node):
                 return
             self._last_pose_guidance = now
             self._fusion_counts["pose_guidance_published"] += 1
+        calib = getattr(self, "_calib_mm", None)  # probe_calibration (tool -> image frame), where the node has it
+        if calib is not None:
+            T_probe = T_probe @ calib
         action = pose_alg.relative_action(T_probe, fused.T_mm)
         try:
             self._pub_guidance.publish(conv.action_to_twist_stamped(action, stamp_ns, self._probe_frame))
