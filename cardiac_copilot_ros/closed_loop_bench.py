@@ -2,10 +2,12 @@
 
 What runs (over real DDS, each node in its own process, as in a deployment):
 
-* ``scanner_sim_node`` on a held-out subject (seeds ``--subject-seed`` + k, default 9000 + k:
-  the default model is trained on seeds 0-39), restarted for each subject (``subject_seed`` is
-  read-only); it stands in for MoveIt Servo and the arm;
-* ``guidance_node`` with the bundle, reconfigured per episode (``target_plane``, ``use_dreamer``);
+* ``scanner_sim_node`` on a held-out subject (seeds ``--subject-seed`` + k, default 9000 + k, or
+  the list / range ``--subject-seeds``: the default model is trained on seeds 0-149), restarted
+  for each subject (``subject_seed`` is read-only); it stands in for MoveIt Servo and the arm;
+* ``guidance_node`` with the bundle, reconfigured per episode (``target_plane``, ``guidance_mode``:
+  ``fused`` = the fused target estimate, the node's default, or ``per_frame`` = each frame's
+  prediction alone; its fused estimate is reset through ``~/reset_target`` at each fused episode);
 * ``servo_node`` (``copilot_servo``) on ``guidance``, and for the oracle mode a second servo
   (``copilot_servo_oracle``) on ``oracle_guidance``, which this process publishes from the
   simulator's true probe pose and true target (the remaining motion a perfect model would
@@ -52,8 +54,11 @@ from .sim.phantom import sim_view
 NAMESPACE = "/closed_loop_bench"
 #: First held-out subject seed (the default model's training data uses seeds 0-39).
 HELD_OUT_SEED = 9000
-MODES = ("dreamer", "baseline", "oracle")
-MODE_TITLES = {"dreamer": "model + Dreamer", "baseline": "model (policy only)", "oracle": "oracle guidance"}
+#: fused: guidance_node guidance_mode fused (its default); per_frame: each frame's prediction alone
+#: (the guidance before the fused target); oracle: the true remaining motion.
+MODES = ("fused", "per_frame", "oracle")
+MODE_TITLES = {"fused": "model, fused target", "per_frame": "model, per frame", "oracle": "oracle guidance"}
+MODEL_MODES = ("fused", "per_frame")
 SERVO_NODE = "copilot_servo"
 ORACLE_SERVO_NODE = "copilot_servo_oracle"
 SIM_NODE = "scanner_sim_node"
@@ -92,7 +97,7 @@ class Episode:
     start_translation_mm: float
     start_rotation_deg: float
     end: str                            # converged | time_limit | workspace | fault | refused
-    converged: bool
+    converged: bool                     # the servo reported plane_reached
     time_to_converge_s: float | None    # enable -> plane_reached (includes the servo's hold time)
     duration_s: float                   # enable -> end
     translation_mm: float               # final probe pose vs the true target
@@ -105,11 +110,51 @@ class Episode:
     start_guidance_error_deg: float | None = None
     final_guidance_error_mm: float | None = None
     final_guidance_error_deg: float | None = None
+    # the probe pose vs the true target when plane_reached arrived (None: not reached)
+    reached_translation_mm: float | None = None
+    reached_rotation_deg: float | None = None
+    false_reached: bool = False         # reached reported while beyond the success tolerance
+    use_dreamer: bool | None = None
 
     def row(self) -> str:
         return (f"{self.mode:8s} {self.plane:8s} seed {self.subject_seed}: {self.end:10s} "
                 f"{self.translation_mm:6.1f} mm {self.rotation_deg:5.1f} deg in {self.duration_s:4.1f} s"
-                f"{' OK' if self.success else ''}")
+                f"{' OK' if self.success else ''}{' FALSE REACHED' if self.false_reached else ''}")
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """95 % Wilson score interval of a success rate (None for n = 0)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``1,2,5`` or ``100-105`` (inclusive) or a mix (``1,3,10-12``) -> sorted unique seeds."""
+    seeds: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            if sep:
+                a, b = int(lo), int(hi)
+                if b < a:
+                    raise ValueError
+                seeds.update(range(a, b + 1))
+            else:
+                seeds.add(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad subject seeds {part!r}: use a list 1,2,5 or a range "
+                                             "100-105") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"bad subject seeds {text!r}: need one or more seeds >= 0")
+    return sorted(seeds)
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -121,9 +166,16 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, Any]:
     """Success rate overall and per plane, with medians (None where there is nothing to take)."""
     def stats(eps: Sequence[Episode]) -> dict[str, Any]:
         n = len(eps)
+        k = sum(e.success for e in eps)
+        ci = wilson_interval(k, n)
         return {
             "episodes": n,
-            "success_rate": float(np.mean([e.success for e in eps])) if n else None,
+            "successes": k,
+            "success_rate": k / n if n else None,
+            "success_ci95": None if ci is None else [ci[0], ci[1]],
+            "false_reached": sum(e.false_reached for e in eps),
+            "median_final_error_mm": _median([e.translation_mm for e in eps]),
+            "median_final_error_deg": _median([e.rotation_deg for e in eps]),
             "converged_rate": float(np.mean([e.converged for e in eps])) if n else None,
             "median_translation_mm": _median([e.translation_mm for e in eps]),
             "median_rotation_deg": _median([e.rotation_deg for e in eps]),
@@ -149,18 +201,21 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def format_table(modes: dict[str, dict[str, Any]], limits: tuple[float, float]) -> str:
     """Markdown table, one row per mode and plane plus an 'all' row per mode."""
-    head = (f"| mode | plane | episodes | success (<= {limits[0]:g} mm and <= {limits[1]:g} deg) | "
-            "median final translation (mm) | median final rotation (deg) | converged | "
+    head = (f"| mode | plane | episodes | success (<= {limits[0]:g} mm and <= {limits[1]:g} deg) [95 % Wilson] | "
+            "median final translation (mm) | median final rotation (deg) | reached | false reached | "
             "median time to converge (s) | median path (mm) |")
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for mode, summary in modes.items():
         rows = [*summary["per_plane"].items(), ("all", summary)]
         for plane, s in rows:
+            ci = s.get("success_ci95")
+            ci_text = "" if ci is None else f" [{100 * ci[0]:.0f}-{100 * ci[1]:.0f} %]"
             lines.append(
                 f"| {MODE_TITLES.get(mode, mode)} | {plane} | {s['episodes']} | "
-                f"{_fmt(None if s['success_rate'] is None else 100 * s['success_rate'], '.0f')} % | "
+                f"{_fmt(None if s['success_rate'] is None else 100 * s['success_rate'], '.0f')} %{ci_text} | "
                 f"{_fmt(s['median_translation_mm'], '.1f')} | {_fmt(s['median_rotation_deg'], '.1f')} | "
                 f"{_fmt(None if s['converged_rate'] is None else 100 * s['converged_rate'], '.0f')} % | "
+                f"{s.get('false_reached', 0)} | "
                 f"{_fmt(s['median_time_s'], '.1f')} | {_fmt(s['median_path_mm'], '.0f')} |")
     return "\n".join(lines)
 
@@ -183,15 +238,18 @@ def format_guidance_table(modes: dict[str, dict[str, Any]]) -> str:
 
 
 def build_report(episodes: Sequence[Episode], config: dict[str, Any]) -> dict[str, Any]:
-    """The JSON document: top-level ``success_rate`` / ``per_plane`` of the default mode (Dreamer
-    when the bundle has one, else the policy), every mode under ``modes``, the episodes, the config."""
+    """The JSON document: top-level ``success_rate`` / ``per_plane`` / ``false_reached`` of the default
+    mode (fused, else per_frame), every mode under ``modes``, the fused-vs-per-frame comparison, the
+    episodes, the config."""
     present = [m for m in MODES if any(e.mode == m for e in episodes)]
     modes = {m: summarize([e for e in episodes if e.mode == m]) for m in present}
-    default = next((m for m in ("dreamer", "baseline") if m in modes), present[0] if present else None)
+    default = next((m for m in MODEL_MODES if m in modes), present[0] if present else None)
     doc: dict[str, Any] = {
         "success_rate": modes[default]["success_rate"] if default else None,
         "per_plane": modes[default]["per_plane"] if default else {},
+        "false_reached": sum(e.false_reached for e in episodes),
         "default_mode": default,
+        "fused_vs_per_frame": compare_fused(modes),
         "modes": modes,
         "episodes": [asdict(e) for e in episodes],
         "config": config,
@@ -203,11 +261,55 @@ def build_report(episodes: Sequence[Episode], config: dict[str, Any]) -> dict[st
 # Command line
 # ---------------------------------------------------------------------------------------
 
+def compare_fused(modes: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """Median final error, fused vs per-frame: both medians and the relative change (negative = fused
+    lower), overall and per plane; None unless both modes ran."""
+    if "fused" not in modes or "per_frame" not in modes:
+        return None
+
+    def cmp(f: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key in ("median_final_error_mm", "median_final_error_deg"):
+            a, b = f.get(key), p.get(key)
+            out[key] = {"fused": a, "per_frame": b,
+                        "change": None if a is None or b is None or b == 0 else (a - b) / b}
+        return out
+
+    f, p = modes["fused"], modes["per_frame"]
+    out = cmp(f, p)
+    out["per_plane"] = {pl: cmp(f["per_plane"][pl], p["per_plane"][pl])
+                        for pl in f["per_plane"] if pl in p["per_plane"]}
+    return out
+
+
+def format_comparison(cmp: dict[str, Any] | None) -> str:
+    """One line per plane: median final error fused vs per-frame and the relative change."""
+    if not cmp:
+        return ""
+    lines = ["| plane | median final translation, fused / per frame (mm) | change | median final rotation, "
+             "fused / per frame (deg) | change |", "|" + "---|" * 5]
+    for plane, c in [*cmp["per_plane"].items(), ("all", cmp)]:
+        t, r = c["median_final_error_mm"], c["median_final_error_deg"]
+        lines.append(f"| {plane} | {_fmt(t['fused'], '.1f')} / {_fmt(t['per_frame'], '.1f')} | "
+                     f"{_fmt(None if t['change'] is None else 100 * t['change'], '+.0f')} % | "
+                     f"{_fmt(r['fused'], '.1f')} / {_fmt(r['per_frame'], '.1f')} | "
+                     f"{_fmt(None if r['change'] is None else 100 * r['change'], '+.0f')} % |")
+    return "\n".join(lines)
+
+
 def _planes(text: str) -> list[str]:
     try:
         return [sim_view(p) for p in text.split(",") if p.strip()]
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _modes(text: str) -> list[str]:
+    modes = [m.strip().replace("-", "_") for m in text.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {', '.join(bad) or text!r}; choose from {', '.join(MODES)}")
+    return [m for m in MODES if m in modes]
 
 
 def _servo_param(text: str) -> tuple[str, float | bool | str]:
@@ -225,9 +327,9 @@ def _servo_param(text: str) -> tuple[str, float | bool | str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None, metavar="FILE",
                         help="model bundle (.pt or .pt2); default: models/default.pt")
-    parser.add_argument("--episodes", type=int, default=3, metavar="N",
+    parser.add_argument("--episodes", type=int, default=None, metavar="N",
                         help="episodes per plane and mode (default 3); episode k uses subject seed "
-                             "--subject-seed + k")
+                             "--subject-seed + k (with --subject-seeds: one episode per listed seed)")
     parser.add_argument("--planes", type=_planes, default=list(PLANE_NAMES), metavar="PLANES",
                         help=f"comma-separated planes (default {','.join(PLANE_NAMES)}; the simulator also "
                              "has A4C, which needs a bundle trained on it)")
@@ -235,9 +337,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time limit per episode [s] (the simulator runs in real time; default 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random start offsets (default 0)")
     parser.add_argument("--subject-seed", type=int, default=HELD_OUT_SEED,
-                        help=f"first held-out subject seed (default {HELD_OUT_SEED}; training uses 0-39)")
-    parser.add_argument("--no-dreamer-compare", action="store_true",
-                        help="run the model with Dreamer only (default: with and without Dreamer)")
+                        help=f"first held-out subject seed (default {HELD_OUT_SEED}; training uses 0-149)")
+    parser.add_argument("--subject-seeds", type=parse_seeds, default=None, metavar="SEEDS",
+                        help="the subjects, as a list (1,2,5) or a range (100-105, inclusive): one episode per "
+                             "seed, plane and mode (instead of --subject-seed / --episodes)")
+    parser.add_argument("--modes", type=_modes, default=list(MODES), metavar="MODES",
+                        help=f"comma-separated modes (default {','.join(MODES)})")
+    parser.add_argument("--dreamer", action=argparse.BooleanOptionalAction, default=None,
+                        help="the model with the Dreamer refinement (default: when the bundle has one)")
     parser.add_argument("--oracle", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the servo on the true remaining motion (the loop's upper bound; "
                              "default on)")
@@ -245,6 +352,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="NAME=VALUE",
                         help="servo parameter overrides on top of the bench's "
                              f"({', '.join(f'{k}={v:g}' for k, v in BENCH_SERVO_PARAMS.items())})")
+    parser.add_argument("--guidance-params", type=_servo_param, nargs="+", action="extend", default=[],
+                        metavar="NAME=VALUE",
+                        help="guidance_node parameter overrides, e.g. fusion_time_constant_s=3 (model modes)")
     parser.add_argument("--success-mm", type=float, default=5.0, help="success: final translation error [mm]")
     parser.add_argument("--success-deg", type=float, default=5.0,
                         help="success: final rotation error, one geodesic angle [deg]")
@@ -477,6 +587,13 @@ class _Graph:
         if not res.result.successful:
             raise BenchError(f"{node_name} refused {values}: {res.result.reason}")
 
+    def trigger(self, service: str, timeout_s: float = 5.0) -> None:
+        from std_srvs.srv import Trigger
+
+        res = self._call(Trigger, service, Trigger.Request(), timeout_s)
+        if not res.success:
+            raise BenchError(f"{service} failed: {res.message}")
+
     def enable(self, servo: str, on: bool, timeout_s: float = 5.0) -> tuple[bool, str]:
         from std_srvs.srv import SetBool
 
@@ -512,14 +629,11 @@ class _Bench:
         self.log_dir = log_dir
         self.env = _env()
         self.servo_params = {**BENCH_SERVO_PARAMS, **dict(args.servo_params)}
-        self.modes = ["dreamer" if has_dreamer else "baseline"]
-        if has_dreamer and not args.no_dreamer_compare:
-            self.modes.append("baseline")
-        if args.oracle:
-            self.modes.append("oracle")
+        self.use_dreamer = has_dreamer if args.dreamer is None else bool(args.dreamer) and has_dreamer
+        self.modes = [m for m in args.modes if m != "oracle" or args.oracle]
         self.children: dict[str, _Child] = {}
         self.graph: _Graph | None = None
-        self._guidance_cfg: tuple[str, bool] | None = None
+        self._guidance_cfg: tuple[str, str] | None = None
 
     # -- processes
     def _start(self, key: str, module: str, params: dict[str, Any], name: str | None = None,
@@ -528,14 +642,17 @@ class _Bench:
 
     def start_nodes(self) -> None:
         plane = self.args.planes[0]
+        mode = next((m for m in self.modes if m in MODEL_MODES), "fused")
         self._start("guidance", "cardiac_copilot_ros.nodes.guidance_node",
-                    {"model_path": str(self.bundle.resolve()), "target_plane": plane,
-                     "use_dreamer": self.modes[0] == "dreamer", "publish_tf": False, "device": self.args.device})
+                    {"model_path": str(self.bundle.resolve()), "target_plane": plane, "guidance_mode": mode,
+                     "use_dreamer": self.use_dreamer, "publish_tf": False, "device": self.args.device,
+                     **dict(self.args.guidance_params)})
         self._start("servo", "cardiac_copilot_ros.nodes.servo_node", self.servo_params)
-        if "oracle" in self.modes:
+        if "oracle" in self.modes:  # the oracle servo must not see the model's fused target spread
             self._start("servo_oracle", "cardiac_copilot_ros.nodes.servo_node", self.servo_params,
-                        name=ORACLE_SERVO_NODE, remaps={"guidance": "oracle_guidance"})
-        self._guidance_cfg = (plane, self.modes[0] == "dreamer")
+                        name=ORACLE_SERVO_NODE, remaps={"guidance": "oracle_guidance",
+                                                        "target_pose_cov": "oracle_target_pose_cov"})
+        self._guidance_cfg = (plane, mode)
         self.graph = _Graph()
 
     def start_sim(self, subject_seed: int) -> None:
@@ -589,9 +706,9 @@ class _Bench:
         assert g is not None
         kids = list(self.children.values())
         servo = ORACLE_SERVO_NODE if mode == "oracle" else SERVO_NODE
-        if mode != "oracle" and self._guidance_cfg != (plane, mode == "dreamer"):
-            g.set_params(GUIDANCE_NODE, {"target_plane": plane, "use_dreamer": mode == "dreamer"})
-            self._guidance_cfg = (plane, mode == "dreamer")
+        if mode != "oracle" and self._guidance_cfg != (plane, mode):
+            g.set_params(GUIDANCE_NODE, {"target_plane": plane, "guidance_mode": mode})
+            self._guidance_cfg = (plane, mode)
         # teleport (plane first, so that the offset refers to this plane's target)
         g.set_params(SIM_NODE, {"target_plane": plane, "start_offset": [float(v) for v in offset]})
         start = target @ action_to_matrix(offset)
@@ -601,6 +718,8 @@ class _Bench:
             true_target = g.target.copy()
             g.oracle_target = true_target if mode == "oracle" else None
         start_mm, start_deg = (float(v) for v in pose_error(start, true_target))
+        if mode == "fused":  # each episode starts without the previous one's target estimate
+            g.trigger(f"{GUIDANCE_NODE}/reset_target")
         t_teleport_ns = time.time_ns()
         time.sleep(args.settle_s)
         err_start = (None, None)
@@ -620,13 +739,16 @@ class _Bench:
             time.sleep(0.1)
             ok, message = g.enable(servo, True)
         end, t_conv = ("time_limit", None) if ok else ("refused", None)
+        at_reached: tuple[float, float] | None = None
         while ok:
             elapsed = time.monotonic() - t0
             with g.lock:
                 reached = g.servo[servo]["reached"] > reached0
                 state = g.servo[servo]["state"]
+                pose_now = g.pose.copy()
             if reached:
                 end, t_conv = "converged", elapsed
+                at_reached = tuple(float(v) for v in pose_error(pose_now, true_target))
                 break
             if state in ("workspace", "fault"):
                 end = state
@@ -658,7 +780,12 @@ class _Bench:
             success=bool(trans <= args.success_mm and rot <= args.success_deg),
             guidance_hz=None if n_guidance is None else n_guidance / (duration + 0.3),
             start_guidance_error_mm=err_start[0], start_guidance_error_deg=err_start[1],
-            final_guidance_error_mm=err_final[0], final_guidance_error_deg=err_final[1])
+            final_guidance_error_mm=err_final[0], final_guidance_error_deg=err_final[1],
+            reached_translation_mm=None if at_reached is None else at_reached[0],
+            reached_rotation_deg=None if at_reached is None else at_reached[1],
+            false_reached=bool(at_reached is not None and (at_reached[0] > args.success_mm
+                                                           or at_reached[1] > args.success_deg)),
+            use_dreamer=None if mode == "oracle" else self.use_dreamer)
 
 
 def _guidance_error(predicted: np.ndarray | None, T_probe: np.ndarray, T_target: np.ndarray
@@ -692,7 +819,11 @@ def run(args: argparse.Namespace) -> int:
     from .sim.expert import MAX_OFFSET_DEG, MAX_OFFSET_MM, random_start_offset
     from .sim.phantom import make_subject
 
-    if args.episodes < 1 or args.time_limit_s <= 0 or not args.planes:
+    if args.subject_seeds is not None and args.episodes is not None:
+        print("bench closed-loop: give --subject-seeds or --episodes, not both", file=sys.stderr)
+        return 2
+    seeds = args.subject_seeds or [args.subject_seed + k for k in range(3 if args.episodes is None else args.episodes)]
+    if not seeds or args.time_limit_s <= 0 or not args.planes:
         print("bench closed-loop: need --episodes >= 1, --time-limit-s > 0 and at least one plane", file=sys.stderr)
         return 2
     from dataclasses import fields
@@ -727,14 +858,14 @@ def run(args: argparse.Namespace) -> int:
         log_dir.mkdir(parents=True, exist_ok=True)
     bench = _Bench(args, bundle, has_dreamer, log_dir)
     plan = []  # (subject seed, plane, offset): every mode runs from the same starts
-    for k in range(args.episodes):
+    for seed in seeds:
         for plane in args.planes:  # the start depends on (seed, subject, plane) only, not on --planes
-            rng = np.random.default_rng([args.seed, args.subject_seed + k, parse_plane(plane).index])
-            plan.append((args.subject_seed + k, plane, random_start_offset(rng, max_mm, max_deg)))
+            rng = np.random.default_rng([args.seed, seed, parse_plane(plane).index])
+            plan.append((seed, plane, random_start_offset(rng, max_mm, max_deg)))
     total = len(plan) * len(bench.modes)
-    print(f"bench closed-loop: {bundle} ({'with' if has_dreamer else 'without'} Dreamer), modes "
-          f"{', '.join(bench.modes)}; {args.episodes} episode(s) x {len(args.planes)} plane(s) on held-out "
-          f"subjects {args.subject_seed}..{args.subject_seed + args.episodes - 1}, time limit "
+    print(f"bench closed-loop: {bundle} (model {'with' if bench.use_dreamer else 'without'} Dreamer), modes "
+          f"{', '.join(bench.modes)}; {len(seeds)} episode(s) x {len(args.planes)} plane(s) on held-out "
+          f"subjects {_seeds_text(seeds)}, time limit "
           f"{args.time_limit_s:g} s (at most ~{total * (args.time_limit_s + args.settle_s + 1) / 60:.0f} min); "
           f"ROS_DOMAIN_ID {bench.env['ROS_DOMAIN_ID']}", flush=True)
 
@@ -777,11 +908,13 @@ def run(args: argparse.Namespace) -> int:
         return rc or 1
 
     config = {
-        "bundle": str(bundle), "has_dreamer": has_dreamer, "episodes_per_plane": args.episodes,
+        "bundle": str(bundle), "has_dreamer": has_dreamer, "use_dreamer": bench.use_dreamer,
+        "episodes_per_plane": len(seeds),
         "planes": list(args.planes), "modes": bench.modes, "time_limit_s": args.time_limit_s, "seed": args.seed,
         "subject_seeds": sorted({e.subject_seed for e in episodes}),
         "start_offset_range": {"mm": [max_mm, max_mm, max_mm / 5.0], "deg": [max_deg] * 3},
         "success_mm": args.success_mm, "success_deg": args.success_deg, "servo_params": bench.servo_params,
+        "guidance_params": dict(args.guidance_params),
         "image_size": args.image_size, "pose_rate_hz": args.pose_rate_hz, "settle_s": args.settle_s,
         "complete": rc == 0,
     }
@@ -790,6 +923,11 @@ def run(args: argparse.Namespace) -> int:
           f"{config['subject_seeds'][0]}..{config['subject_seeds'][-1]}, starts within +-{max_mm:g} mm / "
           f"+-{max_deg:g} deg, time limit {args.time_limit_s:g} s):")
     print(format_table(doc["modes"], (args.success_mm, args.success_deg)))
+    if doc["fused_vs_per_frame"]:
+        print("\nFused target vs per-frame guidance (median final error; change < 0: fused lower):")
+        print(format_comparison(doc["fused_vs_per_frame"]))
+    print(f"\nfalse 'plane reached' (reported while beyond {args.success_mm:g} mm / {args.success_deg:g} deg): "
+          + ", ".join(f"{m} {s['false_reached']}" for m, s in doc["modes"].items()))
     if any(m != "oracle" for m in doc["modes"]):
         print("\nModel error in the loop (medians; predicted vs true remaining motion, translation and geodesic "
               "angle):")
@@ -800,6 +938,12 @@ def run(args: argparse.Namespace) -> int:
         args.json.write_text(json.dumps(doc, indent=1, allow_nan=False, default=_json_default))
         print(f"wrote {args.json}")
     return rc
+
+
+def _seeds_text(seeds: Sequence[int]) -> str:
+    if list(seeds) == list(range(seeds[0], seeds[0] + len(seeds))):
+        return f"{seeds[0]}..{seeds[-1]}"
+    return ",".join(str(s) for s in seeds)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

@@ -17,6 +17,22 @@ velocity commands in the probe frame (m/s, rad/s, MoveIt Servo's ``speed_units``
   non-finite input, probe pose watchdog, workspace limit around the pose at enable time,
   convergence ("plane reached") with hysteresis, and a confidence gate on guidance jumps.
 
+"Plane reached" is honest: the low-passed guidance within tolerance for ``converge_hold_s``
+**and** the guidance stable over that hold: the spread (standard deviation, all axes together)
+of the raw guidance samples of the last ``converge_hold_s`` below ``converge_spread_linear_m`` /
+``converge_spread_angular_rad`` (a low-passed value can sit at zero while the raw guidance
+alternates +-7 mm), **and**, where the guidance node publishes it (:meth:`set_target_spread`,
+from ``target_pose_cov``), the fused target's spread below ``converge_target_spread_m`` /
+``_rad``. Otherwise the servo keeps following the guidance and says why in ``reason``.
+
+Optional final-approach check (``verify_step_m`` > 0, off by default): a model that is
+consistently wrong is stable at its fixed point, so before the first "plane reached" the servo
+moves the probe ``verify_step_m`` sideways (probe x), lets it settle and compares the target
+pose the guidance implies there (probe pose x U(guidance), base frame) with the one before the
+step. A guidance that describes a target standing still gives the same target; one that moves
+with the probe (a fixed point of the model) does not: then no "plane reached" (at most
+``verify_attempts`` tries per enable), and the reason says by how much it moved.
+
 Everything is driven by explicit times (seconds on any monotonic clock, e.g. the node's ROS
 clock), so the same object runs inside the ROS node, in tests and in a closed-loop benchmark:
 ``controller.step(now_s, guidance, probe_pose)`` returns the :class:`ServoCommand` to publish.
@@ -25,12 +41,13 @@ clock), so the same object runs inside the ROS node, in tests and in a closed-lo
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
 from enum import Enum
 
 import numpy as np
 
-from .pose import rotation_to_rotvec
+from .pose import rotation_to_rotvec, rotvec_to_rotation
 
 STOP_MODES = ("immediate", "ramp")
 
@@ -82,6 +99,16 @@ class ServoConfig:
     gate_jump_linear_m: float = 0.015     # 0 = gate off (linear)
     gate_jump_angular_rad: float = 0.26   # 0 = gate off (angular)
     gate_settle_frames: int = 5
+    converge_spread_linear_m: float = 0.003   # raw guidance spread over the hold [m]; 0 = no check
+    converge_spread_angular_rad: float = 0.05  # raw guidance spread over the hold [rad]; 0 = no check
+    converge_min_samples: int = 5             # raw guidance samples needed in the hold window
+    converge_target_spread_m: float = 0.005   # fused target spread (when published) [m]; 0 = no check
+    converge_target_spread_rad: float = 0.0873  # fused target spread (when published) [rad]; 0 = no check
+    verify_step_m: float = 0.0            # final-approach check: sideways step [m]; 0 = off
+    verify_tolerance_m: float = 0.004     # the implied target may move this much [m] ...
+    verify_tolerance_rad: float = 0.07    # ... and this much [rad] over the step
+    verify_settle_s: float = 0.5          # still after the step before the guidance is read [s]
+    verify_attempts: int = 2              # failed checks per enable before giving up ("not reached")
 
     @property
     def control_period_s(self) -> float:
@@ -109,6 +136,10 @@ class ServoConfig:
             raise ValueError(f"converge_release_factor must be >= 1, got {self.converge_release_factor!r}")
         if self.gate_settle_frames < 1 or int(self.gate_settle_frames) != self.gate_settle_frames:
             raise ValueError(f"gate_settle_frames must be an integer >= 1, got {self.gate_settle_frames!r}")
+        if self.verify_attempts < 1 or int(self.verify_attempts) != self.verify_attempts:
+            raise ValueError(f"verify_attempts must be an integer >= 1, got {self.verify_attempts!r}")
+        if self.converge_min_samples < 2 or int(self.converge_min_samples) != self.converge_min_samples:
+            raise ValueError(f"converge_min_samples must be an integer >= 2, got {self.converge_min_samples!r}")
         if self.stop_mode not in STOP_MODES:
             raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {self.stop_mode!r}")
         return self
@@ -168,6 +199,9 @@ class ServoCounters:
     workspace_stops: int = 0
     faults: int = 0
     converged: int = 0
+    unstable_holds: int = 0   # within tolerance for the hold time, but the guidance was not stable
+    verify_passed: int = 0    # final-approach checks: the implied target stood still
+    verify_failed: int = 0    # ... it moved with the probe (or the probe could not move)
     output_nonfinite: int = 0
     commands: int = 0
 
@@ -199,6 +233,12 @@ def lowpass_alpha(dt_s: float, tau_s: float) -> float:
     if tau_s <= 0:
         return 1.0
     return 1.0 - math.exp(-max(dt_s, 0.0) / tau_s)
+
+
+def _pose_diff(T_a: np.ndarray, T_b: np.ndarray) -> tuple[float, float]:
+    """Translation [mm] and rotation angle [rad] between two base-frame poses."""
+    return (float(np.linalg.norm(T_a[:3, 3] - T_b[:3, 3])),
+            _norm(rotation_to_rotvec(T_a[:3, :3] @ T_b[:3, :3].T)))
 
 
 def _vec3(v: object) -> np.ndarray:
@@ -238,6 +278,14 @@ class ServoController:
         # convergence
         self._within_since_s: float | None = None
         self._converged = False
+        self._history: deque[tuple[float, np.ndarray, np.ndarray]] = deque()  # raw guidance (recv s, lin, ang)
+        self._target_spread: tuple[float, float, float] | None = None  # (recv s, m, rad)
+        self.guidance_spread: tuple[float, float] | None = None  # last computed (m, rad)
+        self._unstable_counted = False
+        self._verify: dict | None = None          # final-approach check in progress
+        self._verified_T: np.ndarray | None = None  # implied target that passed the check
+        self._verify_failures = 0
+        self.verify_result = ""
         # pose
         self._pose_T: np.ndarray | None = None
         self._pose_recv_s = -math.inf
@@ -305,8 +353,53 @@ class ServoController:
                     self._filt_lin = None  # restart the filter from the settled guidance
                     self._filt_ang = None
         self._g_lin, self._g_ang, self._g_recv_s = lin, ang, float(now_s)
+        self._history.append((float(now_s), lin, ang))
+        self._prune_history(now_s)
         self.counters.guidance_accepted += 1
         return True
+
+    def set_target_spread(self, now_s: float, linear_m: float, angular_rad: float) -> None:
+        """The fused target's spread (total standard deviation: m, rad), e.g. from ``target_pose_cov``;
+        non-finite = not known. Used for "plane reached" while fresher than ``guidance_timeout_s``."""
+        self._target_spread = (float(now_s), float(linear_m), float(angular_rad))
+
+    def _prune_history(self, now_s: float) -> None:
+        horizon = max(self.config.converge_hold_s, 0.05)
+        while self._history and (now_s - self._history[0][0] > horizon or len(self._history) > 10000):
+            self._history.popleft()
+
+    def _stability(self, now_s: float) -> str:
+        """Empty when the guidance is stable enough for "plane reached", else why not."""
+        cfg = self.config
+        self._prune_history(now_s)
+        why = []
+        n = len(self._history)
+        if n < cfg.converge_min_samples:
+            self.guidance_spread = None
+            why.append(f"{n} guidance samples in the last {cfg.converge_hold_s:g} s "
+                       f"(need {cfg.converge_min_samples})")
+        else:
+            lin = np.stack([h[1] for h in self._history])
+            ang = np.stack([h[2] for h in self._history])
+            s_lin = float(np.sqrt(np.sum(np.var(lin, axis=0))))
+            s_ang = float(np.sqrt(np.sum(np.var(ang, axis=0))))
+            self.guidance_spread = (s_lin, s_ang)
+            if (cfg.converge_spread_linear_m > 0 and s_lin > cfg.converge_spread_linear_m) or \
+                    (cfg.converge_spread_angular_rad > 0 and s_ang > cfg.converge_spread_angular_rad):
+                why.append(f"guidance not stable: spread {s_lin * 1000:.1f} mm / {math.degrees(s_ang):.1f} deg "
+                           f"(tolerance {cfg.converge_spread_linear_m * 1000:.1f} mm / "
+                           f"{math.degrees(cfg.converge_spread_angular_rad):.1f} deg)")
+        ts = self._target_spread
+        if ts is not None and now_s - ts[0] <= cfg.guidance_timeout_s:
+            t_lin, t_ang = ts[1], ts[2]
+            if not (math.isfinite(t_lin) and math.isfinite(t_ang)):
+                why.append("fused target spread not known yet")
+            elif (cfg.converge_target_spread_m > 0 and t_lin > cfg.converge_target_spread_m) or \
+                    (cfg.converge_target_spread_rad > 0 and t_ang > cfg.converge_target_spread_rad):
+                why.append(f"fused target not stable: spread {t_lin * 1000:.1f} mm / {math.degrees(t_ang):.1f} deg "
+                           f"(tolerance {cfg.converge_target_spread_m * 1000:.1f} mm / "
+                           f"{math.degrees(cfg.converge_target_spread_rad):.1f} deg)")
+        return "; ".join(why)
 
     def set_probe_pose(self, now_s: float, pose: ProbePose) -> bool:
         """Take a probe pose received at ``now_s``; returns False if it was rejected."""
@@ -341,6 +434,8 @@ class ServoController:
         self._filt_lin = self._filt_ang = None
         self._gate_open, self._gate_consistent = True, 0
         self._within_since_s, self._converged = None, False
+        self._history.clear()
+        self._verify, self._verified_T, self._verify_failures, self.verify_result = None, None, 0, ""
         self._timed_out = True
         self._set_state(ServoState.TIMEOUT, "enabled, waiting for fresh guidance")
         return True, "enabled"
@@ -422,11 +517,15 @@ class ServoController:
             self._timed_out = True
             self._filt_lin = self._filt_ang = None
             self._within_since_s = None
+            self._leave_plane(events)
+            self._verify = None
             self._set_state(ServoState.TIMEOUT, "no fresh guidance" if self._g_lin is not None
                             else "enabled, waiting for fresh guidance")
         elif not self._gate_open:
             self._timed_out = False
             self._within_since_s = None
+            self._leave_plane(events)
+            self._verify = None
             self._set_state(ServoState.PAUSED, "guidance jumped beyond the confidence gate; "
                             f"waiting for {cfg.gate_settle_frames} consistent frames")
         else:
@@ -439,9 +538,13 @@ class ServoController:
                 self._filt_lin = self._filt_lin + alpha * (self._g_lin - self._filt_lin)
                 self._filt_ang = self._filt_ang + alpha * (self._g_ang - self._filt_ang)
             lin_err, ang_err = _norm(self._filt_lin), _norm(self._filt_ang)
-            if self._converged:
+            unstable = self._stability(now_s)
+            if self._verify is not None:
+                pass  # the final-approach check drives the probe (below)
+            elif self._converged:
                 f = cfg.converge_release_factor
                 left = lin_err > f * cfg.converge_linear_m or ang_err > f * cfg.converge_angular_rad
+                left = left or self._unstable_beyond_release()
                 if left and not cfg.converge_latch:
                     self._converged = False
                     self._within_since_s = None
@@ -452,16 +555,31 @@ class ServoController:
                     self._within_since_s = None
                 elif self._within_since_s is None:
                     self._within_since_s = now_s
-                if within and self._within_since_s is not None \
-                        and now_s - self._within_since_s >= cfg.converge_hold_s:
-                    self._converged = True
-                    self.counters.converged += 1
-                    events.append("plane_reached")
-            if self._converged:
+                held = within and self._within_since_s is not None \
+                    and now_s - self._within_since_s >= cfg.converge_hold_s
+                if held and not unstable:
+                    why_not = self._verification_needed(now_s)
+                    if why_not == "":
+                        self._converged = True
+                        self.counters.converged += 1
+                        events.append("plane_reached")
+                    elif why_not == "start":
+                        self._start_verify(now_s)
+                    else:
+                        unstable = why_not
+                elif held and not self._unstable_counted:
+                    self.counters.unstable_holds += 1
+                self._unstable_counted = bool(held and unstable)
+            if self._verify is not None:
+                target_lin, target_ang = self._verify_command(now_s)
+            elif self._converged:
                 self._set_state(ServoState.CONVERGED,
-                                f"plane reached: {lin_err * 1000:.1f} mm, {math.degrees(ang_err):.1f} deg")
+                                f"plane reached: {lin_err * 1000:.1f} mm, {math.degrees(ang_err):.1f} deg"
+                                + self._spread_text())
             else:
-                self._set_state(ServoState.ACTIVE, "following guidance")
+                within_now = self._within_since_s is not None
+                self._set_state(ServoState.ACTIVE, f"following guidance; within tolerance, not reached: {unstable}"
+                                if within_now and unstable else "following guidance")
                 target_lin = clamp_norm(cfg.gain_linear * self._filt_lin, cfg.max_linear_speed_mps)
                 target_ang = clamp_norm(cfg.gain_angular * self._filt_ang, cfg.max_angular_speed_rps)
 
@@ -502,6 +620,109 @@ class ServoController:
         if not np.any(target_ang) and _norm(self._cmd_ang) < 1e-12:
             self._cmd_ang = np.zeros(3)
 
+    # ------------------------------------------------------------------ final-approach check
+    def _implied_target(self, lin_m: np.ndarray, ang_rad: np.ndarray) -> np.ndarray | None:
+        """Base-frame target pose (mm) that guidance (lin, ang) describes at the current probe pose."""
+        if self._pose_T is None:
+            return None
+        U = np.eye(4)
+        U[:3, :3] = rotvec_to_rotation(np.asarray(ang_rad, dtype=np.float64))
+        U[:3, 3] = np.asarray(lin_m, dtype=np.float64) * 1000.0
+        return self._pose_T @ U
+
+    def _verification_needed(self, now_s: float) -> str:
+        """"" = reached may be reported; "start" = run the check now; else why not reached."""
+        cfg = self.config
+        if cfg.verify_step_m <= 0 or self._pose_T is None:
+            return ""
+        assert self._filt_lin is not None and self._filt_ang is not None
+        implied = self._implied_target(self._filt_lin, self._filt_ang)
+        if self._verified_T is not None and implied is not None:
+            d_mm, d_rad = _pose_diff(implied, self._verified_T)
+            if d_mm <= cfg.verify_tolerance_m * 1000.0 and d_rad <= cfg.verify_tolerance_rad:
+                return ""
+        if self._verify_failures >= cfg.verify_attempts:
+            return f"final-approach check failed {self._verify_failures} time(s): {self.verify_result}"
+        return "start"
+
+    def _start_verify(self, now_s: float) -> None:
+        cfg = self.config
+        assert self._pose_T is not None and self._filt_lin is not None and self._filt_ang is not None
+        sign = -1.0 if self._verify_failures % 2 else 1.0
+        step = np.eye(4)
+        step[0, 3] = sign * cfg.verify_step_m * 1000.0   # sideways: probe x
+        self._verify = {"phase": "move", "t": now_s, "start_T": self._pose_T.copy(),
+                        "implied0": self._implied_target(self._filt_lin, self._filt_ang),
+                        "goal": self._pose_T @ step}
+        self._within_since_s = None
+
+    def _verify_command(self, now_s: float) -> tuple[np.ndarray, np.ndarray]:
+        """Drive the check: step sideways, settle, read the guidance, compare; the command to follow."""
+        cfg, v = self.config, self._verify
+        assert v is not None and self._pose_T is not None
+        zero = (np.zeros(3), np.zeros(3))
+        if v["phase"] == "move":
+            rel = np.linalg.solve(self._pose_T, v["goal"])
+            lin, ang = rel[:3, 3] / 1000.0, rotation_to_rotvec(rel[:3, :3])
+            if _norm(lin) < 0.0005 and _norm(ang) < 0.01 or now_s - v["t"] > 3.0:
+                v["phase"], v["t"] = "settle", now_s
+                self._set_state(ServoState.ACTIVE, "final-approach check: settling after the sideways step")
+                return zero
+            self._set_state(ServoState.ACTIVE, f"final-approach check: stepping {cfg.verify_step_m * 1000:.0f} mm "
+                            "sideways to see whether the target estimate stands still")
+            return (clamp_norm(cfg.gain_linear * lin, cfg.max_linear_speed_mps),
+                    clamp_norm(cfg.gain_angular * ang, cfg.max_angular_speed_rps))
+        # settle: hold still, then average the raw guidance received after the settle time
+        samples = [h for h in self._history if h[0] >= v["t"] + cfg.verify_settle_s]
+        if now_s - v["t"] < cfg.verify_settle_s + 0.3 or len(samples) < 3:
+            return zero
+        lin = np.mean([h[1] for h in samples], axis=0)
+        ang = np.mean([h[2] for h in samples], axis=0)
+        implied1 = self._implied_target(lin, ang)
+        moved_mm = float(np.linalg.norm(self._pose_T[:3, 3] - v["start_T"][:3, 3]))
+        d_mm, d_rad = _pose_diff(implied1, v["implied0"])
+        self._verify = None
+        self._filt_lin = self._filt_ang = None   # follow the guidance afresh from here
+        if moved_mm < 0.5 * cfg.verify_step_m * 1000.0:
+            ok, why = False, f"the probe moved only {moved_mm:.1f} mm of {cfg.verify_step_m * 1000:.0f} mm"
+        else:
+            ok = d_mm <= cfg.verify_tolerance_m * 1000.0 and d_rad <= cfg.verify_tolerance_rad
+            why = (f"the target estimate moved {d_mm:.1f} mm / {math.degrees(d_rad):.1f} deg when the probe moved "
+                   f"{moved_mm:.1f} mm (tolerance {cfg.verify_tolerance_m * 1000:.1f} mm / "
+                   f"{math.degrees(cfg.verify_tolerance_rad):.1f} deg)")
+        self.verify_result = ("passed: " if ok else "failed: ") + why
+        if ok:
+            self.counters.verify_passed += 1
+            self._verified_T = implied1
+        else:
+            self.counters.verify_failed += 1
+            self._verify_failures += 1
+        self._set_state(ServoState.ACTIVE, f"final-approach check {self.verify_result}")
+        return zero
+
+    def _leave_plane(self, events: list[str]) -> None:
+        """Guidance lost or jumped (e.g. the target estimate was reset): "plane reached" no longer holds."""
+        if self._converged and not self.config.converge_latch:
+            self._converged = False
+            events.append("plane_left")
+
+    def _unstable_beyond_release(self) -> bool:
+        """While converged: the raw guidance spread beyond the release factor times its tolerance."""
+        cfg, sp = self.config, self.guidance_spread
+        if sp is None:
+            return False
+        f = cfg.converge_release_factor
+        return bool((cfg.converge_spread_linear_m > 0 and sp[0] > f * cfg.converge_spread_linear_m)
+                    or (cfg.converge_spread_angular_rad > 0 and sp[1] > f * cfg.converge_spread_angular_rad))
+
+    def _spread_text(self) -> str:
+        sp = self.guidance_spread
+        out = "" if sp is None else f"; guidance spread {sp[0] * 1000:.1f} mm / {math.degrees(sp[1]):.1f} deg"
+        ts = self._target_spread
+        if ts is not None and math.isfinite(ts[1]):
+            out += f"; fused target spread {ts[1] * 1000:.1f} mm / {math.degrees(ts[2]):.1f} deg"
+        return out
+
     def _set_state(self, state: ServoState, reason: str) -> None:
         self.state, self.reason = state, reason
 
@@ -522,6 +743,14 @@ class ServoController:
             "angular_rps": round(_norm(self._cmd_ang), 6),
             "guidance_linear_m": None if filt is None else round(_norm(filt[0]), 6),
             "guidance_angular_rad": None if filt is None else round(_norm(filt[1]), 6),
+            "guidance_spread_linear_m": None if self.guidance_spread is None else round(self.guidance_spread[0], 6),
+            "guidance_spread_angular_rad": None if self.guidance_spread is None else round(self.guidance_spread[1], 6),
+            "target_spread_linear_m": (None if self._target_spread is None or not math.isfinite(self._target_spread[1])
+                                       else round(self._target_spread[1], 6)),
+            "target_spread_angular_rad": (None if self._target_spread is None
+                                          or not math.isfinite(self._target_spread[2])
+                                          else round(self._target_spread[2], 6)),
+            "final_approach_check": self.verify_result or None,
             "travel_m": round(self.travel_m, 6),
             "rotation_rad": round(self.rotation_rad, 6),
             "counters": self.counters.as_dict(),

@@ -58,7 +58,8 @@ def reference(bundle_path: Path) -> GuidanceRuntime:
 
 
 def _params(bundle_path: Path, **extra: object) -> list[Parameter]:
-    values = {"model_path": str(bundle_path), "device": "cpu", "num_threads": 1,
+    # per_frame: these tests check each frame's guidance against the model (test_guidance_fusion.py: fused)
+    values = {"model_path": str(bundle_path), "device": "cpu", "num_threads": 1, "guidance_mode": "per_frame",
               "max_pose_age_s": 0.5, "diagnostics_period_s": 0.2, **extra}
     return [Parameter(k, value=v) for k, v in values.items()]
 

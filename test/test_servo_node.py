@@ -512,3 +512,40 @@ def test_shutdown_sends_zero_and_topic_is_remappable(sig: int | str, tmp_path) -
             assert "zero twist sent" in log
         finally:
             h.close()
+
+
+def test_oscillating_guidance_or_spread_target_is_never_reached(servo: Harness) -> None:
+    """+-7 mm / +-0.12 rad alternating every message: never "plane reached", and ~/status says why;
+    steady small guidance but a fused target whose frames disagree (target_pose_cov, 10 mm): not
+    reached either; once target_pose_cov says 1 mm: reached."""
+    from geometry_msgs.msg import PoseWithCovarianceStamped
+
+    h = servo
+    h.guidance_fn = lambda k: ([0.007 if k % 2 else -0.007, 0.0, 0.0], [0.12 if k % 2 else -0.12, 0.0, 0.0])
+    assert h.enable().success
+    assert wait_for(lambda: "not stable" in h.last_status()["reason"], 5.0), h.last_status()
+    time.sleep(1.0)  # more than three hold times
+    assert not any(h.reached) and h.last_status()["state"] != "converged"
+    assert h.last_status()["guidance_spread_linear_m"] == pytest.approx(0.007, rel=0.1)
+
+    cov_pub = h.node.create_publisher(PoseWithCovarianceStamped, "target_pose_cov", 10)
+    spread = {"m": 0.010}
+
+    def publish_cov() -> None:
+        msg = PoseWithCovarianceStamped()
+        msg.header.frame_id = "panda_link0"
+        msg.pose.pose.orientation.w = 1.0
+        var = spread["m"] ** 2 / 3.0
+        msg.pose.covariance = [var if i in (0, 7, 14) else (1e-6 if i in (21, 28, 35) else 0.0) for i in range(36)]
+        cov_pub.publish(msg)
+
+    h.node.create_timer(1.0 / 30.0, publish_cov)
+    h.guidance_fn = None
+    h.guidance = ([0.001, 0.0, 0.0], [0.0, 0.01, 0.0], 0.0)
+    assert wait_for(lambda: "fused target not stable" in h.last_status()["reason"], 5.0), h.last_status()
+    time.sleep(1.0)
+    assert not any(h.reached) and h.last_status()["target_spread_linear_m"] == pytest.approx(0.010, rel=1e-3)
+    spread["m"] = 0.001
+    assert h.wait_state("converged", 5.0), h.last_status()
+    assert wait_for(lambda: h.reached and h.reached[-1], 2.0)
+    assert "fused target spread 1.0 mm" in h.last_status()["reason"]

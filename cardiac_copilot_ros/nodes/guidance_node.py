@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from geometry_msgs.msg import Point, PoseStamped, TwistStamped
+from geometry_msgs.msg import Point, PoseStamped, PoseWithCovarianceStamped, TwistStamped
 from rcl_interfaces.msg import FloatingPointRange, IntegerRange, ParameterDescriptor, SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
@@ -40,6 +40,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import ColorRGBA
+from std_srvs.srv import Trigger
 from visualization_msgs.msg import Marker, MarkerArray
 
 from .. import images
@@ -57,6 +58,7 @@ from ..runtime import (
     default_num_threads,
     normalize_roi,
 )
+from ..target_fusion import FusedTarget, FusionConfig, TargetFusion
 from . import conversions as conv
 from .lifecycle import spin_node
 
@@ -65,6 +67,12 @@ IMAGE_TRANSPORTS = ("both", "raw", "compressed")
 RELIABILITIES = ("best_effort", "reliable")
 POSE_SOURCES = ("topic", "tf")
 DEVICES = ("auto", "cpu", "cuda")
+#: guidance_mode values: fused target estimate (default) or each frame's prediction alone.
+GUIDANCE_MODES = ("fused", "per_frame")
+#: node parameter -> TargetFusion field (all changeable at run time).
+FUSION_PARAMS = {"fusion_time_constant_s": "time_constant_s", "fusion_window_s": "window_s",
+                 "fusion_max_gap_s": "max_gap_s", "fusion_gate_mm": "gate_mm", "fusion_gate_deg": "gate_deg",
+                 "fusion_reset_after_outliers": "reset_after_outliers"}
 THROTTLE_S = 2.0
 #: Probe poses kept for lookups at image stamps.
 POSE_BUFFER = 200
@@ -183,6 +191,42 @@ def build_markers(action: np.ndarray, stamp: Any, frame_id: str, lifetime_s: flo
     return out
 
 
+def format_spread(fused: FusedTarget) -> str:
+    """The fused target's spread for people: ``fused 42 frames, spread 1.2 mm / 0.8 deg``."""
+    if not fused.known:
+        return f"fused {fused.n} frame(s), spread not yet known"
+    return f"fused {fused.n} frames, spread {fused.spread_mm:.1f} mm / {fused.spread_deg:.1f} deg"
+
+
+def build_uncertainty_markers(action: np.ndarray, fused: FusedTarget, stamp: Any, frame_id: str,
+                              lifetime_s: float, T_target_mm: np.ndarray,
+                              ns: str = "guidance") -> list[Marker]:
+    """id 5: the fused target's translation uncertainty, an ellipsoid of +-1 standard deviation
+    (the spread) at the target position, in the probe frame (m); deleted while it is unknown."""
+    from builtin_interfaces.msg import Duration
+
+    lifetime = conv.ns_to_stamp(int(max(0.0, lifetime_s) * 1e9))
+    m = Marker(header=conv.make_header(stamp, frame_id), ns=ns, id=5, type=Marker.SPHERE, action=Marker.ADD,
+               lifetime=Duration(sec=lifetime.sec, nanosec=lifetime.nanosec), frame_locked=False)
+    m.pose.orientation.w = 1.0
+    if not fused.known:
+        m.action = Marker.DELETE
+        return [m]
+    U = pose_alg.action_to_matrix(np.asarray(action, dtype=np.float64))
+    R_probe = np.asarray(T_target_mm)[:3, :3] @ U[:3, :3].T
+    cov_probe = R_probe.T @ fused.covariance[:3, :3] @ R_probe  # m^2, probe axes
+    vals, vecs = np.linalg.eigh(cov_probe)
+    if np.linalg.det(vecs) < 0:
+        vecs[:, 0] *= -1
+    std = np.sqrt(np.clip(vals, 0.0, None))
+    q = pose_alg.rotation_to_quat(vecs)
+    m.pose.position = _pt(U[:3, 3] / 1000.0)
+    m.pose.orientation.x, m.pose.orientation.y, m.pose.orientation.z, m.pose.orientation.w = (float(v) for v in q)
+    m.scale.x, m.scale.y, m.scale.z = (float(max(2.0 * v, 0.001)) for v in std)
+    m.color = _color(0.2, 0.7, 1.0, 0.35)
+    return [m]
+
+
 # ---------------------------------------------------------------------------------------
 # Node
 # ---------------------------------------------------------------------------------------
@@ -250,6 +294,7 @@ class GuidanceNode(Node):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(NODE_NAME, **kwargs)
         self._declare_parameters()
+        self._declare_fusion_parameters()
         gp = self.get_parameter
         self._base_frame = gp("base_frame").value
         self._probe_frame = gp("probe_frame").value
@@ -299,6 +344,7 @@ class GuidanceNode(Node):
         self._pub_target = self.create_publisher(PoseStamped, "target_pose", 10)
         self._pub_markers = self.create_publisher(MarkerArray, "guidance_markers", 10)
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._setup_fusion()
 
         # TF (optional)
         self._tf_broadcaster = None
@@ -565,6 +611,7 @@ class GuidanceNode(Node):
                 self._poses.extend(items)
             else:
                 self._poses.append((stamp_ns, T))
+        self._publish_pose_guidance(stamp_ns, T)
 
     # -- probe pose at an image stamp -------------------------------------------------------
 
@@ -656,7 +703,12 @@ class GuidanceNode(Node):
             return
         stamp = msg.header.stamp
         stamp_ns = conv.stamp_to_ns(stamp)
-        guidance = conv.action_to_twist_stamped(pred.action, stamp, self._probe_frame)
+        T_probe, why = self._probe_pose_at(stamp_ns)
+        if T_probe is not None and self._calib_mm is not None:
+            T_probe = T_probe @ self._calib_mm   # tool pose -> image-frame pose (probe_calibration)
+        fused = self._fuse_frame(pred, stamp_ns, T_probe, why)  # None: per-frame guidance
+        action = pred.action if fused is None else fused[0]
+        guidance = conv.action_to_twist_stamped(action, stamp, self._probe_frame)
         self._pub_guidance.publish(guidance)
         t_pub = time.monotonic()
         lat_ms = (time.time_ns() - stamp_ns) / 1e6
@@ -667,21 +719,21 @@ class GuidanceNode(Node):
             self._stats.process_ms.append((t_pub - t_rx) * 1e3)
             self._stats.inference_ms.append(pred.timings_ms["total"])
 
-        T_probe, why = self._probe_pose_at(stamp_ns)
-        if T_probe is not None and self._calib_mm is not None:
-            T_probe = T_probe @ self._calib_mm   # tool pose -> image-frame pose (probe_calibration)
         if T_probe is None:
             self._stats.add("stale_poses")
             log.warning(f"no target_pose: {why}", throttle_duration_sec=THROTTLE_S * 5)
         else:
-            T_target = pose_alg.apply_action(T_probe, pred.action)
+            T_target = pose_alg.apply_action(T_probe, pred.action) if fused is None else fused[1]
             self._pub_target.publish(conv.matrix_to_pose_stamped(T_target, stamp, self._base_frame))
             self._stats.add("target_poses_published")
             if self._tf_broadcaster is not None:
                 self._tf_broadcaster.sendTransform(
                     conv.matrix_to_transform_stamped(T_target, stamp, self._base_frame, self._target_frame))
-        self._pub_markers.publish(build_markers(pred.action, stamp, self._probe_frame, self._marker_lifetime_s,
-                                                pred.plane, pred.refined, self._plane_size_m))
+        markers = build_markers(action, stamp, self._probe_frame, self._marker_lifetime_s,
+                                pred.plane, pred.refined, self._plane_size_m)
+        if fused is not None:
+            self._publish_fused_extras(fused, stamp, markers)
+        self._pub_markers.publish(markers)
 
     def _input_gray(self, msg: Image | CompressedImage) -> np.ndarray | None:
         """The message as (H, W) uint8 grey, or None (counted, logged) when it must be rejected."""
@@ -719,6 +771,198 @@ class GuidanceNode(Node):
         self._stats.add("internal_errors")
         self._last_reject = f"internal error: {type(exc).__name__}: {exc}"
         self.get_logger().error(f"frame failed: {type(exc).__name__}: {exc}", throttle_duration_sec=THROTTLE_S)
+
+    # -- fused target (see cardiac_copilot_ros.target_fusion) ----------------------------------
+
+    def _declare_fusion_parameters(self) -> None:
+        d = self.declare_parameter
+        d("guidance_mode", "fused", _descr(
+            "fused: guidance and target_pose from the target estimate fused over frames (needs a fresh probe "
+            "pose; without one the frame's own prediction is used, with a warning); per_frame: each frame's "
+            "prediction alone; changeable at run time", constraints=" | ".join(GUIDANCE_MODES)))
+        d("pose_guidance_rate_hz", 50.0, _descr(
+            "fused mode: also publish guidance (fused target relative to the newest probe pose, stamped with "
+            "the pose's stamp) on probe_pose messages, at most this often [Hz]; 0 = at frame rate only",
+            floating_point_range=_float_range(0.0, 1000.0)))
+        defaults = FusionConfig()
+        d("fusion_time_constant_s", defaults.time_constant_s, _descr(
+            "recency weighting of the frames' target estimates: weight exp(-age / tau) [s]",
+            floating_point_range=_float_range(0.01, 600.0)))
+        d("fusion_window_s", defaults.window_s, _descr(
+            "estimates older than this [s] (vs the newest) leave the fusion",
+            floating_point_range=_float_range(0.1, 600.0)))
+        d("fusion_max_gap_s", defaults.max_gap_s, _descr(
+            "no estimate for longer than this [s] -> the fused target is reset",
+            floating_point_range=_float_range(0.01, 600.0)))
+        d("fusion_gate_mm", defaults.gate_mm, _descr(
+            "outlier gate floor [mm]: an estimate farther than max(this, 4 x spread) from the fused target is rejected",
+            floating_point_range=_float_range(0.1, 1000.0)))
+        d("fusion_gate_deg", defaults.gate_deg, _descr(
+            "outlier gate floor [deg] on the rotation", floating_point_range=_float_range(0.1, 180.0)))
+        d("fusion_reset_after_outliers", defaults.reset_after_outliers, _descr(
+            "this many consecutive rejected estimates -> reset (the patient moved)", integer_range=_int_range(1, 1000)))
+
+    def _setup_fusion(self) -> None:
+        gp = self.get_parameter
+        mode = gp("guidance_mode").value
+        if mode not in GUIDANCE_MODES:
+            raise StartupError(f"parameter guidance_mode={mode!r} is invalid; "
+                               f"choose one of {', '.join(GUIDANCE_MODES)}")
+        try:
+            config = FusionConfig().updated(**{f: gp(p).value for p, f in FUSION_PARAMS.items()})
+        except (ValueError, TypeError) as exc:
+            raise StartupError(f"fusion parameters: {exc}") from None
+        self._guidance_mode = mode
+        self._pose_guidance_rate_hz = float(gp("pose_guidance_rate_hz").value)
+        self._fusion = TargetFusion(config)
+        self._fusion_lock = threading.Lock()
+        self._fusion_counts = {"fused_frames": 0, "fused_fallbacks": 0, "pose_guidance_published": 0}
+        self._fallbacks_at_last_diag = 0
+        self._last_pose_guidance = -math.inf  # monotonic s
+        self._pub_target_cov = self.create_publisher(PoseWithCovarianceStamped, "target_pose_cov", 10)
+        self._reset_srv = self.create_service(Trigger, "~/reset_target", self._on_reset_target)
+        # validated with the other parameters, applied once all of a set call succeeded
+        self.add_on_set_parameters_callback(self._check_fusion_parameters)
+        self.add_post_set_parameters_callback(self._apply_fusion_parameters)
+
+    def _fusion_changes(self, params: list[Parameter]) -> tuple[str, FusionConfig | None]:
+        """(error or "", the new fusion configuration or None) for the fusion parameters in ``params``."""
+        changes = {FUSION_PARAMS[p.name]: p.value for p in params if p.name in FUSION_PARAMS}
+        for p in params:
+            if p.name == "guidance_mode" and p.value not in GUIDANCE_MODES:
+                return f"guidance_mode must be one of {', '.join(GUIDANCE_MODES)}", None
+        try:
+            return "", self._fusion.config.updated(**changes) if changes else None
+        except (ValueError, TypeError) as exc:
+            return str(exc), None
+
+    def _check_fusion_parameters(self, params: list[Parameter]) -> SetParametersResult:
+        error, _ = self._fusion_changes(params)
+        return SetParametersResult(successful=not error, reason=error)
+
+    def _apply_fusion_parameters(self, params: list[Parameter]) -> None:
+        """After a successful set: apply the fusion parameters, reset on a mode, plane or model change."""
+        _, config = self._fusion_changes(params)
+        names = {p.name: p.value for p in params}
+        with self._fusion_lock:
+            if config is not None:
+                self._fusion.configure(config)
+            mode = names.get("guidance_mode")
+            if mode is not None and mode != self._guidance_mode:
+                self._fusion.reset("guidance_mode changed", key_change=True)
+                self._guidance_mode = mode
+                self.get_logger().info(f"guidance_mode: {mode}")
+            if "target_plane" in names or "use_dreamer" in names:
+                # the old estimate must not drive pose-rate guidance for the new plane
+                self._fusion.reset("target plane or model changed", key_change=True)
+            if "pose_guidance_rate_hz" in names:
+                self._pose_guidance_rate_hz = float(names["pose_guidance_rate_hz"])
+
+    def _on_reset_target(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
+        with self._fusion_lock:
+            self._fusion.reset()
+        self.get_logger().info("fused target estimate reset (~/reset_target)")
+        response.success, response.message = True, "fused target estimate reset"
+        return response
+
+    def _fuse_frame(self, pred: Any, stamp_ns: int, T_probe: np.ndarray | None, why: str
+                    ) -> tuple[np.ndarray, np.ndarray, FusedTarget] | None:
+        """Fused mode: add this frame's target estimate; (guidance action at the image's probe pose,
+        fused target pose, fused target). None in per_frame mode or without a probe pose (fallback)."""
+        if self._guidance_mode != "fused":
+            return None
+        if T_probe is None:
+            with self._fusion_lock:
+                self._fusion_counts["fused_fallbacks"] += 1
+            self.get_logger().warning(f"fused guidance needs the probe pose at the image stamp ({why}): "
+                                      "publishing this frame's own prediction", throttle_duration_sec=THROTTLE_S)
+            return None
+        scale = pred.action_scale  # per-axis Laplace scale (mm, deg) or None
+        with self._fusion_lock:
+            try:
+                up = self._fusion.add(stamp_ns * 1e-9, T_probe, pose_alg.action_to_matrix(pred.action), scale,
+                                      key=(pred.plane, pred.refined))
+            except ValueError as exc:  # a malformed action_scale from the model
+                self._fusion_counts["fused_fallbacks"] += 1
+                self.get_logger().warning(f"cannot fuse this frame ({exc}): per-frame guidance",
+                                          throttle_duration_sec=THROTTLE_S)
+                return None
+            self._fusion_counts["fused_frames"] += 1
+        if up.reset:
+            self.get_logger().info(f"fused target estimate reset: {up.reset}", throttle_duration_sec=THROTTLE_S)
+        fused = up.fused
+        assert fused is not None
+        return pose_alg.relative_action(T_probe, fused.T_mm), fused.T_mm, fused
+
+    def _publish_pose_guidance(self, stamp_ns: int, T_probe: np.ndarray) -> None:
+        """Fused mode: guidance from the fused target relative to this probe pose (rate-limited).
+
+        Stamp = the pose's stamp (the guidance describes the target relative to the probe at that
+        time). Nothing when no fused target is fresh (no estimate within fusion_max_gap_s).
+        """
+        if self._guidance_mode != "fused" or self._pose_guidance_rate_hz <= 0:
+            return
+        now = time.monotonic()
+        with self._fusion_lock:
+            fused = self._fusion.fused
+            if fused is None or now - self._last_pose_guidance < 1.0 / self._pose_guidance_rate_hz:
+                return
+            if abs(stamp_ns * 1e-9 - fused.stamp_s) > self._fusion.config.max_gap_s:
+                return
+            self._last_pose_guidance = now
+            self._fusion_counts["pose_guidance_published"] += 1
+        if self._calib_mm is not None:  # probe_calibration: tool pose -> image-frame pose
+            T_probe = T_probe @ self._calib_mm
+        action = pose_alg.relative_action(T_probe, fused.T_mm)
+        try:
+            self._pub_guidance.publish(conv.action_to_twist_stamped(action, stamp_ns, self._probe_frame))
+        except conv.MessageError:  # not finite: cannot happen for finite poses; never publish it
+            return
+
+    def _publish_fused_extras(self, fused: tuple[np.ndarray, np.ndarray, FusedTarget], stamp: Any,
+                              markers: MarkerArray) -> None:
+        """target_pose_cov (when the spread is known) and the uncertainty marker."""
+        action, T_target, ft = fused
+        if ft.known:
+            msg = PoseWithCovarianceStamped()
+            msg.header = conv.make_header(stamp, self._base_frame)
+            msg.pose.pose = conv.matrix_to_pose_msg(T_target)
+            msg.pose.covariance = [float(v) for v in ft.covariance.reshape(-1)]
+            self._pub_target_cov.publish(msg)
+        markers.markers.extend(build_uncertainty_markers(action, ft, stamp, self._probe_frame,
+                                                         self._marker_lifetime_s, T_target))
+        for m in markers.markers:
+            if m.id == 4 and m.type == Marker.TEXT_VIEW_FACING:
+                m.text += "\n" + format_spread(ft)
+
+    def _fusion_diagnostics(self, status: DiagnosticStatus) -> dict[str, str]:
+        """Fusion values for /diagnostics; raises the level to WARN while fused mode falls back."""
+        with self._fusion_lock:
+            counts = dict(self._fusion_counts)
+            fc = self._fusion.counters
+            ft = self._fusion.fused
+            last_reset = self._fusion.last_reset
+            mode = self._guidance_mode
+        out = {"guidance_mode": mode, "fusion_estimates": str(fc.estimates), "fusion_outliers": str(fc.outliers),
+               "fusion_resets": str(fc.resets), "fusion_resets_key": str(fc.resets_key),
+               "fusion_resets_gap": str(fc.resets_gap), "fusion_resets_disagreement": str(fc.resets_disagreement),
+               "fusion_resets_requested": str(fc.resets_requested), "fusion_last_reset": str(last_reset or "")}
+        out.update({k: str(v) for k, v in counts.items()})
+        if ft is not None:
+            out["fused_frames_in_window"] = str(ft.n)
+            out["fused_std_mm"] = ",".join(f"{v:.2f}" for v in ft.std_mm)
+            out["fused_std_deg"] = ",".join(f"{v:.2f}" for v in ft.std_deg)
+            out["fused_spread_mm"] = f"{ft.spread_mm:.2f}"
+            out["fused_spread_deg"] = f"{ft.spread_deg:.2f}"
+        new_fallbacks = counts["fused_fallbacks"] - self._fallbacks_at_last_diag
+        self._fallbacks_at_last_diag = counts["fused_fallbacks"]
+        out["fused_fallback_active"] = str(mode == "fused" and new_fallbacks > 0)
+        if mode == "fused" and new_fallbacks > 0:
+            if status.level == DiagnosticStatus.OK:
+                status.level = DiagnosticStatus.WARN
+            status.message += (f"; fused mode without a fresh probe pose: per-frame guidance for "
+                               f"{new_fallbacks} frame(s)")
+        return out
 
     # -- diagnostics --------------------------------------------------------------------------
 
@@ -795,6 +1039,7 @@ class GuidanceNode(Node):
             snap["stream_period_ms"] = gaps.period_ns / 1e6
         extra = {"target_plane": self._plane, "use_dreamer": str(self._use_dreamer),
                  "device": self.runtime.device, "model": str(self.runtime.path)}
+        extra.update(self._fusion_diagnostics(status))
         status.values = ([KeyValue(key=k, value=f"{v:.3f}" if isinstance(v, float) else str(v))
                           for k, v in snap.items()]
                          + [KeyValue(key=k, value=v) for k, v in extra.items()])

@@ -16,6 +16,9 @@ Stands in for the hardware (docs/SIMULATOR.md):
 
 Setting ``start_offset`` (6 numbers: mm, mm, mm, deg, deg, deg from the target, pose =
 target @ U(offset)) at run time teleports the probe; ``target_plane`` is changeable at run time.
+``patient_offset`` (same units) is the subject's pose in ``base_frame``; setting it at run time
+moves the patient (a simulated patient movement): the target moves in ``base_frame`` while the
+arm holds the probe where it is in ``base_frame``, so the image changes.
 With ``replay_bag`` set the node replays that bag's poses, images and annotations with fresh
 stamps (commands are ignored).
 """
@@ -99,6 +102,9 @@ class ScannerSimNode(Node):
         self.declare_parameter("start_offset", DEFAULT_START_OFFSET, P(
             description="Start pose as an action from the target [x, y, z mm, roll, pitch, yaw deg], "
                         "pose = target @ U(offset); setting it at run time teleports the probe."))
+        self.declare_parameter("patient_offset", [0.0] * 6, P(
+            description="The subject's pose in base_frame [x, y, z mm, roll, pitch, yaw deg]; setting it at run "
+                        "time moves the patient: the target moves, the probe stays where it is in base_frame."))
         self.declare_parameter("base_frame", "panda_link0", P(description="Frame of probe_pose (read-only).",
                                                               read_only=True))
         self.declare_parameter("probe_frame", "us_probe", P(description="Probe frame (read-only).",
@@ -125,6 +131,7 @@ class ScannerSimNode(Node):
         except UnknownPlaneError as exc:
             raise ValueError(str(exc)) from exc
         self._offset = self._check_offset(gp("start_offset").value)
+        self._P = action_to_matrix(self._check_offset(gp("patient_offset").value))  # base <- subject
         self._base = gp("base_frame").value
         self._probe = gp("probe_frame").value
         self._image_frame = gp("image_frame").value
@@ -203,6 +210,8 @@ class ScannerSimNode(Node):
                     updates[p.name] = _sim_plane(p.value)
                 elif p.name == "start_offset":
                     updates[p.name] = self._check_offset(p.value)
+                elif p.name == "patient_offset":
+                    updates[p.name] = self._check_offset(p.value)
                 elif p.name in ("cmd_timeout_s", "max_linear_speed_mps", "max_angular_speed_rps"):
                     v = float(p.value)
                     if not math.isfinite(v) or v < 0 or (p.name == "cmd_timeout_s" and v <= 0):
@@ -222,7 +231,11 @@ class ScannerSimNode(Node):
             if "start_offset" in updates:
                 self._offset = updates["start_offset"]
                 self._teleport_locked()
-        if "target_plane" in updates:
+            if "patient_offset" in updates:  # the probe keeps its base_frame pose
+                P_new = action_to_matrix(updates["patient_offset"])
+                self._T = np.linalg.inv(P_new) @ self._P @ self._T
+                self._P = P_new
+        if "target_plane" in updates or "patient_offset" in updates:
             self._publish_target()
         return SetParametersResult(successful=True)
 
@@ -233,7 +246,7 @@ class ScannerSimNode(Node):
         self._cmd = None
 
     def probe_pose_mm(self) -> np.ndarray:
-        """Current probe pose (4, 4), base frame, mm."""
+        """Current probe pose (4, 4) relative to the subject, mm (the base frame while patient_offset is 0)."""
         with self._lock:
             return self._T.copy()
 
@@ -271,6 +284,8 @@ class ScannerSimNode(Node):
                     lin = lin * (self._max_lin / n_lin)
                 if n_ang > self._max_ang:
                     ang = ang * (self._max_ang / n_ang)
+                if in_base:  # base-frame axes -> subject axes
+                    lin, ang = self._P[:3, :3].T @ lin, self._P[:3, :3].T @ ang
                 dR = rotvec_to_rotation(ang * dt)
                 dp = lin * dt * 1000.0
                 T = self._T.copy()
@@ -283,7 +298,7 @@ class ScannerSimNode(Node):
                 self._T = T
             elif self._cmd is not None:
                 self._cmd = None
-            T = self._T
+            T = self._P @ self._T
         self._pub_pose.publish(matrix_to_pose_stamped(T, now, self._base))
 
     def _on_image_timer(self) -> None:
@@ -312,11 +327,11 @@ class ScannerSimNode(Node):
 
     def _publish_target(self) -> None:
         with self._lock:
-            plane = self._plane
+            plane, P = self._plane, self._P
         if self._replay is not None and self._replay.target is not None:
             T = self._replay.target
         else:
-            T = self._subject.target_pose(plane)
+            T = P @ self._subject.target_pose(plane)
         self._pub_target.publish(matrix_to_pose_stamped(T, self.get_clock().now().nanoseconds, self._base))
 
 

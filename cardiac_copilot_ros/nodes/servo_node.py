@@ -6,6 +6,8 @@ own node is called ``servo_node``). Interfaces (see docs/SERVO.md):
 * in  ``guidance`` geometry_msgs/TwistStamped (target position [m] and rotation vector [rad]
   in the probe frame, stamp = the image's stamp);
 * in  ``probe_pose`` geometry_msgs/PoseStamped (workspace limit and pose watchdog);
+* in  ``target_pose_cov`` geometry_msgs/PoseWithCovarianceStamped (optional: the guidance node's
+  fused target and its spread; "plane reached" then also needs that spread within tolerance);
 * out ``servo_node/delta_twist_cmds`` geometry_msgs/TwistStamped: m/s and rad/s in
   ``probe_frame``, stamped now (MoveIt Servo's ``~/delta_twist_cmds``, ``speed_units``);
 * out ``~/status`` std_msgs/String (JSON), ``~/plane_reached`` std_msgs/Bool (latched),
@@ -27,7 +29,7 @@ from typing import Any
 
 import numpy as np
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-from geometry_msgs.msg import PoseStamped, TwistStamped, Vector3
+from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped, TwistStamped, Vector3
 from rcl_interfaces.msg import (
     FloatingPointRange,
     IntegerRange,
@@ -95,6 +97,24 @@ _PARAMS: dict[str, tuple[str, tuple[float, float] | None]] = {
     "gate_jump_angular_rad": ("Confidence gate: a jump [rad] of the rotation vector between consecutive "
                               "guidance messages beyond this pauses motion; 0 = off.", (0.0, math.pi)),
     "gate_settle_frames": ("Consecutive consistent guidance messages that reopen the gate.", (1, 100)),
+    "converge_spread_linear_m": ("'Plane reached' also needs stable guidance: spread (std, all axes) of the raw "
+                                 "guidance target position [m] over the hold below this; 0 = no check.", (0.0, 0.1)),
+    "converge_spread_angular_rad": ("Stable guidance: spread of the raw guidance rotation vector [rad] over the "
+                                    "hold below this; 0 = no check.", (0.0, 1.0)),
+    "converge_min_samples": ("Guidance messages needed within the hold for the stability check.", (2, 10000)),
+    "converge_target_spread_m": ("'Plane reached' also needs the fused target's spread [m] (from target_pose_cov, "
+                                 "when published) below this; 0 = no check.", (0.0, 0.1)),
+    "converge_target_spread_rad": ("Fused target spread [rad] (from target_pose_cov) below this; 0 = no check.",
+                                   (0.0, 1.0)),
+    "verify_step_m": ("Final-approach check before the first 'plane reached': step this far [m] sideways (probe x) "
+                      "and check that the target the guidance implies stands still; 0 = off.", (0.0, 0.05)),
+    "verify_tolerance_m": ("Final-approach check: largest move [m] of the implied target over the step.",
+                           (0.0, 0.05)),
+    "verify_tolerance_rad": ("Final-approach check: largest rotation [rad] of the implied target over the step.",
+                             (0.0, 1.0)),
+    "verify_settle_s": ("Final-approach check: hold still this long [s] after the step before reading the "
+                        "guidance.", (0.0, 10.0)),
+    "verify_attempts": ("Final-approach checks per enable; after this many failures: not reached.", (1, 100)),
 }
 _READ_ONLY = {"control_rate_hz", "status_period_s", "probe_frame", "base_frame"}
 
@@ -153,6 +173,7 @@ class ServoNode(Node):
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_subscription(TwistStamped, "guidance", self._on_guidance, qos_profile_sensor_data)
         self.create_subscription(PoseStamped, "probe_pose", self._on_pose, qos_profile_sensor_data)
+        self.create_subscription(PoseWithCovarianceStamped, "target_pose_cov", self._on_target_cov, 10)
         self.create_service(SetBool, "~/enable", self._on_enable)
         self._timer = self.create_timer(config.control_period_s, self._on_timer)
         self._status_timer = self.create_timer(float(self.get_parameter("status_period_s").value),
@@ -222,6 +243,17 @@ class ServoNode(Node):
             return
         with self._lock:
             self._ctl.set_probe_pose(now, ProbePose(T_mm, stamp_ns * 1e-9))
+
+    def _on_target_cov(self, msg: PoseWithCovarianceStamped) -> None:
+        """The guidance node's fused target spread: total std of translation [m] and rotation [rad]."""
+        cov = np.asarray(msg.pose.covariance, dtype=np.float64)
+        if cov.shape != (36,) or not np.all(np.isfinite(cov)):
+            lin = ang = math.inf  # not known: "plane reached" waits
+        else:
+            d = np.clip(np.diag(cov.reshape(6, 6)), 0.0, None)
+            lin, ang = float(np.sqrt(d[:3].sum())), float(np.sqrt(d[3:].sum()))
+        with self._lock:
+            self._ctl.set_target_spread(self._now_s(), lin, ang)
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         now_ns = self._now_ns()
