@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cardiac_copilot_ros import closed_loop_bench as clb
+from cardiac_copilot_ros.bench import closed_loop as clb
 
 PER_PLANE_KEYS = {"success_rate", "median_translation_mm", "median_rotation_deg", "median_time_s",
                   "median_path_mm", "success_ci95", "false_reached", "median_final_error_mm",

@@ -46,7 +46,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _sim_frames(n: int = 6) -> list[np.ndarray]:
     """Simulator frames around the PLAX target (what the bench and the demo show the model)."""
-    from cardiac_copilot_ros.runtime_bench import _render_frames
+    from cardiac_copilot_ros.bench.guidance import _render_frames
 
     frames, _, source = _render_frames((96, 96), n)
     assert "sim" in source.lower(), source

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cardiac_copilot_ros import cli, paper_bench
+from cardiac_copilot_ros import cli
+from cardiac_copilot_ros.bench import paper as paper_bench
 from cardiac_copilot_ros.planes import PLANE_NAMES
 
 

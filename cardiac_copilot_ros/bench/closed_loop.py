@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from .planes import PLANE_NAMES, order_views, parse_plane
-from .processes import stop_process
-from .sim.phantom import sim_view
+from ..planes import PLANE_NAMES, order_views, parse_plane
+from ..processes import stop_process
+from ..sim.phantom import sim_view
 
 NAMESPACE = "/closed_loop_bench"
 #: First held-out subject seed (the default model's training data uses seeds 0-39).
@@ -486,7 +486,7 @@ class _Graph:
 
     # -- callbacks (executor threads)
     def _on_pose(self, msg: Any) -> None:
-        from .nodes.conversions import MessageError, pose_stamped_to_matrix
+        from ..nodes.conversions import MessageError, pose_stamped_to_matrix
 
         try:
             _, T = pose_stamped_to_matrix(msg)
@@ -499,7 +499,7 @@ class _Graph:
             self.pose_count += 1
 
     def _on_target(self, msg: Any) -> None:
-        from .nodes.conversions import MessageError, pose_stamped_to_matrix
+        from ..nodes.conversions import MessageError, pose_stamped_to_matrix
 
         try:
             _, T = pose_stamped_to_matrix(msg)
@@ -509,7 +509,7 @@ class _Graph:
             self.target = T
 
     def _on_guidance(self, msg: Any) -> None:
-        from .nodes.conversions import MessageError, stamp_to_ns, twist_msg_to_action
+        from ..nodes.conversions import MessageError, stamp_to_ns, twist_msg_to_action
 
         try:
             item = (stamp_to_ns(msg.header.stamp), twist_msg_to_action(msg))
@@ -544,8 +544,8 @@ class _Graph:
             self.servo[servo]["state"] = state
 
     def _on_oracle_timer(self) -> None:
-        from .nodes.conversions import action_to_twist_stamped
-        from .pose import relative_action
+        from ..nodes.conversions import action_to_twist_stamped
+        from ..pose import relative_action
 
         with self.lock:
             T, target = self.pose, self.oracle_target
@@ -663,7 +663,7 @@ class _Bench:
                     {"subject_seed": subject_seed, "target_plane": self.args.planes[0],
                      "image_size": self.args.image_size, "pose_rate_hz": float(self.args.pose_rate_hz),
                      "start_offset": [0.0] * 6})
-        from .sim.phantom import make_subject
+        from ..sim.phantom import make_subject
 
         expected = make_subject(subject_seed).target_pose(self.args.planes[0])
         g = self.graph
@@ -700,7 +700,7 @@ class _Bench:
     # -- one episode
     def episode(self, mode: str, plane: str, subject_seed: int, offset: np.ndarray, target: np.ndarray
                 ) -> Episode:
-        from .pose import action_to_matrix, pose_error
+        from ..pose import action_to_matrix, pose_error
 
         args, g = self.args, self.graph
         assert g is not None
@@ -791,7 +791,7 @@ class _Bench:
 def _guidance_error(predicted: np.ndarray | None, T_probe: np.ndarray, T_target: np.ndarray
                     ) -> tuple[float | None, float | None]:
     """Predicted vs true remaining motion at ``T_probe``: translation mm, geodesic deg."""
-    from .pose import action_to_matrix, pose_error, relative_action
+    from ..pose import action_to_matrix, pose_error, relative_action
 
     if predicted is None:
         return None, None
@@ -801,7 +801,7 @@ def _guidance_error(predicted: np.ndarray | None, T_probe: np.ndarray, T_target:
 
 
 def _close(T_a: np.ndarray, T_b: np.ndarray, mm: float = 0.5, deg: float = 0.5) -> bool:
-    from .pose import pose_error
+    from ..pose import pose_error
 
     t, r = pose_error(T_a, T_b)
     return bool(t <= mm and r <= deg)
@@ -809,15 +809,15 @@ def _close(T_a: np.ndarray, T_b: np.ndarray, mm: float = 0.5, deg: float = 0.5) 
 
 def _load_bundle_info(path: Path) -> bool:
     """Whether the bundle has a Dreamer (raises BundleError for a bad file)."""
-    from .model.bundle import load_bundle
+    from ..model.bundle import load_bundle
 
     return load_bundle(path).has_dreamer
 
 
 def run(args: argparse.Namespace) -> int:
-    from .runtime import default_model_path
-    from .sim.expert import MAX_OFFSET_DEG, MAX_OFFSET_MM, random_start_offset
-    from .sim.phantom import make_subject
+    from ..runtime import default_model_path
+    from ..sim.expert import MAX_OFFSET_DEG, MAX_OFFSET_MM, random_start_offset
+    from ..sim.phantom import make_subject
 
     if args.subject_seeds is not None and args.episodes is not None:
         print("bench closed-loop: give --subject-seeds or --episodes, not both", file=sys.stderr)
@@ -828,7 +828,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from dataclasses import fields
 
-    from .servo import ServoConfig
+    from ..servo import ServoConfig
 
     known = {f.name for f in fields(ServoConfig)}
     unknown = sorted({name for name, _ in args.servo_params} - known)

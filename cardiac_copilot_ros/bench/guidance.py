@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .processes import stop_process
+from ..processes import stop_process
 
 MEASURE_START = "MEASURE_START"
 MEASURE_END = "MEASURE_END"
@@ -87,8 +87,8 @@ def _env() -> dict[str, str]:
 
 
 def _bundles(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Path]]:
-    from .model.bundle import make_untrained_bundle
-    from .runtime import default_model_path
+    from ..model.bundle import make_untrained_bundle
+    from ..runtime import default_model_path
 
     out: list[tuple[str, Path]] = []
     path = args.bundle or default_model_path()
@@ -98,7 +98,7 @@ def _bundles(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Path]]:
         if args.bundle is not None:
             raise SystemExit(f"bench guidance: bundle {args.bundle} not found")
         try:
-            from .training.config import PRESETS
+            from ..training.config import PRESETS
 
             backbone, size = PRESETS["cpu"]["backbone"], int(PRESETS["cpu"]["input_size"])
         except Exception:
@@ -114,7 +114,7 @@ def _bundles(args: argparse.Namespace, tmp: Path) -> list[tuple[str, Path]]:
 
 
 def _engines(args: argparse.Namespace) -> list[str]:
-    from .model.onnx_bundle import onnxruntime_available
+    from ..model.onnx_bundle import onnxruntime_available
 
     if args.engines:
         names = [e.strip() for e in str(args.engines).split(",") if e.strip()]
@@ -127,8 +127,8 @@ def _engines(args: argparse.Namespace) -> list[str]:
 
 def _onnx_copy(bundle: Path, tmp: Path) -> Path:
     """The .onnx to run for ``bundle``: itself, the same model beside it, or a conversion into ``tmp``."""
-    from .model import onnx_bundle
-    from .model.bundle import BundleError, load_bundle
+    from ..model import onnx_bundle
+    from ..model.bundle import BundleError, load_bundle
 
     if onnx_bundle.is_onnx_file(bundle):
         return bundle
@@ -164,7 +164,7 @@ def _measure(label: str, bundle: Path, rate_hz: float, args: argparse.Namespace,
                 "-p", f"use_dreamer:={'false' if args.no_dreamer else 'true'}"]
     with open(node_log, "wb") as log:
         node = subprocess.Popen(node_cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    pub = subprocess.Popen([sys.executable, "-m", "cardiac_copilot_ros.runtime_bench", str(cfg_path)], env=env,
+    pub = subprocess.Popen([sys.executable, "-m", "cardiac_copilot_ros.bench.guidance", str(cfg_path)], env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     cpu = float("nan")
     pub_out: list[str] = []
@@ -273,12 +273,12 @@ def _speedups(engine_rows: list[dict[str, Any]]) -> dict[str, float]:
 
 def _render_frames(size_wh: tuple[int, int], n: int = 30) -> tuple[list[np.ndarray], list[np.ndarray], str]:
     """Simulator frames along a small sweep around the PLAX target (or noise without the simulator)."""
-    from . import pose as pose_alg
+    from .. import pose as pose_alg
 
     w, h = size_wh
     try:
-        from .sim.phantom import make_subject
-        from .sim.render import Renderer
+        from ..sim.phantom import make_subject
+        from ..sim.render import Renderer
 
         subject = make_subject(0)
         renderer = Renderer(subject, size=(h, w))
@@ -306,7 +306,7 @@ def _publisher_main(cfg_path: str) -> int:
     from rclpy.qos import qos_profile_sensor_data
     from sensor_msgs.msg import Image
 
-    from .nodes import conversions as conv
+    from ..nodes import conversions as conv
 
     cfg = json.loads(Path(cfg_path).read_text())
     frames, poses, source = _render_frames(tuple(cfg["size_wh"]))

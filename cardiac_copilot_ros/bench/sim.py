@@ -38,9 +38,9 @@ def _pin(threads: int) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..pose import action_to_matrix
-    from .expert import random_start_offset
-    from .phantom import make_subject
-    from .render import Renderer
+    from ..sim.expert import random_start_offset
+    from ..sim.phantom import make_subject
+    from ..sim.render import Renderer
 
     if args.frames < 1 or args.threads < 1:
         print("bench sim: --frames and --threads must be >= 1")

@@ -1,7 +1,8 @@
 """``cardiac-copilot bench NAME``: benchmarks that print tables (and optionally JSON).
 
-Each benchmark lives beside the code it measures and exposes ``add_arguments(parser)`` and
-``run(args) -> int``; this module only dispatches.
+The benchmarks live together in this package, apart from the product code they measure: one
+module per benchmark, each exposing ``add_arguments(parser)`` and ``run(args) -> int``, imported
+only when it runs; this module only dispatches.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import importlib
 
 #: benchmark -> (module, one-line help)
 BENCHES: dict[str, tuple[str, str]] = {
-    "sim": ("cardiac_copilot_ros.sim.bench", "simulator rendering speed (frames/s, ms/frame)"),
-    "guidance": ("cardiac_copilot_ros.runtime_bench", "guidance node latency over DDS"),
-    "recorder": ("cardiac_copilot_ros.nodes.recorder_bench", "recorder throughput, drops, CPU"),
-    "train": ("cardiac_copilot_ros.training.bench", "data loader vs training step throughput"),
-    "paper": ("cardiac_copilot_ros.paper_bench", "the paper's experiment on the simulator"),
-    "closed-loop": ("cardiac_copilot_ros.closed_loop_bench", "closed-loop success on the simulator"),
+    "sim": ("cardiac_copilot_ros.bench.sim", "simulator rendering speed (frames/s, ms/frame)"),
+    "guidance": ("cardiac_copilot_ros.bench.guidance", "guidance node latency over DDS"),
+    "recorder": ("cardiac_copilot_ros.bench.recorder", "recorder throughput, drops, CPU"),
+    "train": ("cardiac_copilot_ros.bench.train", "data loader vs training step throughput"),
+    "paper": ("cardiac_copilot_ros.bench.paper", "the paper's experiment on the simulator"),
+    "closed-loop": ("cardiac_copilot_ros.bench.closed_loop", "closed-loop success on the simulator"),
 }
 
 
