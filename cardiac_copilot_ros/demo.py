@@ -40,7 +40,7 @@ DEFAULT_SUBJECT_SEED = 9001
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None,
-                        help="model bundle (.pt or .pt2); default: models/default.pt")
+                        help="model bundle (TorchScript .pt or ONNX .onnx); default: models/default.pt")
     parser.add_argument("--plane", default=PLANE_NAMES[0],
                         help=f"target plane ({', '.join(SIM_VIEWS)}; a view of the bundle)")
     parser.add_argument("--subject-seed", type=int, default=DEFAULT_SUBJECT_SEED,

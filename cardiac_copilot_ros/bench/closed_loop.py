@@ -3,7 +3,7 @@
 What runs (over real DDS, each node in its own process, as in a deployment):
 
 * ``scanner_sim_node`` on a held-out subject (seeds ``--subject-seed`` + k, default 9000 + k, or
-  the list / range ``--subject-seeds``: the default model is trained on seeds 0-149), restarted
+  the list / range ``--subject-seeds``: the default model is trained on seeds 20000+ and validated on 8000+), restarted
   for each subject (``subject_seed`` is read-only); it stands in for MoveIt Servo and the arm;
 * ``guidance_node`` with the bundle, reconfigured per episode (``target_plane``, ``guidance_mode``:
   ``fused`` = the fused target estimate, the node's default, or ``per_frame`` = each frame's
@@ -326,7 +326,7 @@ def _servo_param(text: str) -> tuple[str, float | bool | str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None, metavar="FILE",
-                        help="model bundle (.pt or .pt2); default: models/default.pt")
+                        help="model bundle (TorchScript .pt or ONNX .onnx); default: models/default.pt")
     parser.add_argument("--episodes", type=int, default=None, metavar="N",
                         help="episodes per plane and mode (default 3); episode k uses subject seed "
                              "--subject-seed + k (with --subject-seeds: one episode per listed seed)")
@@ -337,7 +337,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="time limit per episode [s] (the simulator runs in real time; default 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random start offsets (default 0)")
     parser.add_argument("--subject-seed", type=int, default=HELD_OUT_SEED,
-                        help=f"first held-out subject seed (default {HELD_OUT_SEED}; training uses 0-149)")
+                        help=f"first held-out subject seed (default {HELD_OUT_SEED}; the default model "
+                             "trained on seeds 20000+, validated on 8000+)")
     parser.add_argument("--subject-seeds", type=parse_seeds, default=None, metavar="SEEDS",
                         help="the subjects, as a list (1,2,5) or a range (100-105, inclusive): one episode per "
                              "seed, plane and mode (instead of --subject-seed / --episodes)")
