@@ -264,6 +264,20 @@ def relative_change(entry: dict[str, dict[str, Any]], baseline: dict[str, dict[s
     return out
 
 
+def _tables(errors: dict[str, np.ndarray], plane: np.ndarray, planes: Sequence[str], entries: list[str],
+            models: Sequence[EvalModel], baseline: str | None
+            ) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """Per-plane statistics of every entry, the baseline entry (default: the first model without a
+    Dreamer) and every other entry's relative change against it."""
+    results = {e: per_plane_stats(errors[e], plane, planes) for e in entries}
+    if baseline is None:
+        baseline = next((m.name for m in models if not m.has_dreamer), models[0].entries[0])
+    if baseline not in results:
+        raise EvaluationError(f"--baseline {baseline!r} is not one of the entries: {', '.join(entries)}")
+    rel = {e: relative_change(results[e], results[baseline]) for e in entries if e != baseline}
+    return results, baseline, rel
+
+
 def motion_size(actions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Size of the remaining motion of ground-truth actions: (translation mm, geodesic angle deg)."""
     a = np.asarray(actions, np.float64)
@@ -603,12 +617,7 @@ def evaluate(models: Sequence[EvalModel], cache_dir: str | Path, split: str = "t
     mean_action = np.asarray(manifest["action_stats"]["mean"], np.float64)
     errors[MEAN_ENTRY] = abs_errors(np.broadcast_to(mean_action, gt.shape), gt)
 
-    results = {e: per_plane_stats(errors[e], plane, planes) for e in entries}
-    if baseline is None:
-        baseline = next((m.name for m in models if not m.has_dreamer), models[0].entries[0])
-    if baseline not in results:
-        raise EvaluationError(f"--baseline {baseline!r} is not one of the entries: {', '.join(entries)}")
-    rel = {e: relative_change(results[e], results[baseline]) for e in entries if e != baseline}
+    results, baseline, rel = _tables(errors, plane, planes, entries, models, baseline)
     every = np.zeros(len(plane), np.int64)
     details: dict[str, Any] = {
         "format": "cardiac_copilot_evaluation", "format_version": 1,
@@ -741,12 +750,7 @@ def evaluate_approach(models: Sequence[EvalModel], split: str = "test", n_subjec
         timings[m.name] = round(time.perf_counter() - t0, 3)
     mean_action = approach_label_mean(split_seeds("train", APPROACH_MEAN_SUBJECTS), frames_per_plane, seed)
     errors[MEAN_ENTRY] = abs_errors(np.broadcast_to(mean_action, gt.shape), gt)
-    results = {e: per_plane_stats(errors[e], plane, planes) for e in entries}
-    if baseline is None:
-        baseline = next((m.name for m in models if not m.has_dreamer), models[0].entries[0])
-    if baseline not in results:
-        raise EvaluationError(f"--baseline {baseline!r} is not one of the entries: {', '.join(entries)}")
-    rel = {e: relative_change(results[e], results[baseline]) for e in entries if e != baseline}
+    results, baseline, rel = _tables(errors, plane, planes, entries, models, baseline)
     every = np.zeros(len(plane), np.int64)
     details: dict[str, Any] = {
         "format": "cardiac_copilot_evaluation", "format_version": 1,
