@@ -407,3 +407,23 @@ def test_annotation_in_a_pose_gap_names_the_gap(tmp_path, capsys):
     assert rc == 1 and len(err.strip().splitlines()) == 1, err
     assert "annotation 'PLAX' at t=1.000 s (from the scan start) falls in a 1000.0 ms gap of the pose stream" in err
     assert "raise --max-pose-gap-ms above 1000.0" in err
+
+
+def test_a4c_folder_imports_builds_and_trains(tmp_path, capsys, monkeypatch):
+    """Issue 15's target: a folder of frames + poses with apical-four-chamber targets goes through the
+    documented commands alone; labels equal the independent computation to 1e-3 mm / deg."""
+    import sys
+
+    monkeypatch.setattr(sys.modules[__name__], "VIEWS", ((25, "A4C"), (35, "apical 4 chamber")))
+    cache = import_and_build(tmp_path, capsys)
+    assert check_cache(cache) == sum(len(expected_labels(k)) for k in range(len(SUBJECTS)))
+    manifest = json.loads((cache / "manifest.json").read_text())
+    assert manifest["planes"] == ["A4C"]
+    rc, err = run_cli(["train", "--data", cache, "--model", "baseline", "--preset", "smoke", "--max-steps", "2",
+                       "--out-dir", tmp_path / "runs", "--run-name", "a4c"], capsys)
+    assert rc == 0, err
+    rc, err = run_cli(["export", tmp_path / "runs" / "a4c", "--out", tmp_path / "a4c.pt"], capsys)
+    assert rc == 0, err
+    from cardiac_copilot_ros.model.bundle import load_bundle
+
+    assert load_bundle(tmp_path / "a4c.pt").planes == ("A4C",)
