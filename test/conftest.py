@@ -28,3 +28,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_views_registry():
+    """User views (``--views FILE``, ``CARDIAC_COPILOT_VIEWS``) stay registered for the rest of a
+    process by design; between tests they must not, or one test's views leak into the next."""
+    from cardiac_copilot_ros import planes
+
+    views, by_key, env_loaded = list(planes._views), dict(planes._by_key), planes._env_loaded
+    env = os.environ.get(planes.VIEWS_ENV)
+    yield
+    with planes._lock:
+        planes._views[:] = views
+        planes._by_key.clear()
+        planes._by_key.update(by_key)
+        planes._env_loaded = env_loaded
+    if env is None:
+        os.environ.pop(planes.VIEWS_ENV, None)
+    else:
+        os.environ[planes.VIEWS_ENV] = env
