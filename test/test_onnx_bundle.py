@@ -241,3 +241,22 @@ def test_eval_one_pass_matches_first_implementation(pair: tuple[Path, Path], tmp
         for entry, pred in old.items():
             assert np.abs(pred - new[entry]).max() <= 1e-3, entry
     assert np.abs(new["ts/dreamer"] - new["onnx/dreamer"]).max() <= 1e-3
+
+
+def test_convert_folded_uncertainty_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The default model's form (plane query folded into a bias at export, uncertainty head) converts:
+    `cardiac-copilot export models/default.pt --format onnx` must work for users."""
+    from cardiac_copilot_ros.model.bundle import save_bundle
+
+    torch.manual_seed(4)
+    model = GuidanceModel(backbone="resnet10", dreamer=True, uncertainty=True, dreamer_dim=64).eval()
+    with torch.no_grad():
+        model.head.fold_plane_query()
+    pt = save_bundle(model, tmp_path / "folded.pt", build_metadata(model, SIZE))
+    out = tmp_path / "folded.onnx"
+    assert main(["export", str(pt), "--format", "onnx", "--out", str(out)]) == 0, capsys.readouterr().err
+    om = onnx_bundle.load_onnx(out)
+    assert om.has_scale
+    x, p = torch.rand(2, 1, *SIZE), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert float((om.forward_with_scale(x, p, True) - model.forward_with_scale(x, p, True)).abs().max()) <= 1e-3

@@ -210,6 +210,9 @@ def eager_from_torchscript(module: nn.Module, meta: dict[str, Any]) -> nn.Module
         kwargs["uncertainty"] = True
     try:
         model = GuidanceModel(**kwargs)
+        if "head.fc.0.bias" not in state:  # exported with the plane query folded into a per-plane bias
+            with torch.no_grad():
+                model.head.fold_plane_query()
         model.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise BundleError(f"the bundle's weights do not fit this code's GuidanceModel ({kwargs}): "
