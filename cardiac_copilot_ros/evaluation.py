@@ -264,6 +264,17 @@ def relative_change(entry: dict[str, dict[str, Any]], baseline: dict[str, dict[s
     return out
 
 
+def _details_head(**extra_metrics: str) -> dict[str, Any]:
+    """The first keys of details.json (format, time, axes, units, what each metric means)."""
+    return {"format": "cardiac_copilot_evaluation", "format_version": 1,
+            "created": _dt.datetime.now().isoformat(timespec="seconds"),
+            "axes": list(ACTION_AXES), "units": list(ACTION_UNITS),
+            "metrics": {"mae": "mean absolute error per axis",
+                        "std": "standard deviation (ddof 0) of the absolute error",
+                        "rel_change_pct": "(mae - mae_baseline) / mae_baseline * 100; negative = better",
+                        "angles": "Euler-angle errors wrapped to [0, 180] deg", **extra_metrics}}
+
+
 def _tables(errors: dict[str, np.ndarray], plane: np.ndarray, planes: Sequence[str], entries: list[str],
             models: Sequence[EvalModel], baseline: str | None
             ) -> tuple[dict[str, Any], str, dict[str, Any]]:
@@ -620,12 +631,7 @@ def evaluate(models: Sequence[EvalModel], cache_dir: str | Path, split: str = "t
     results, baseline, rel = _tables(errors, plane, planes, entries, models, baseline)
     every = np.zeros(len(plane), np.int64)
     details: dict[str, Any] = {
-        "format": "cardiac_copilot_evaluation", "format_version": 1,
-        "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "axes": list(ACTION_AXES), "units": list(ACTION_UNITS),
-        "metrics": {"mae": "mean absolute error per axis", "std": "standard deviation (ddof 0) of the absolute "
-                    "error", "rel_change_pct": "(mae - mae_baseline) / mae_baseline * 100; negative = better",
-                    "angles": "Euler-angle errors wrapped to [0, 180] deg"},
+        **_details_head(),
         "cache": str(cache_dir), "manifest_sha256": manifest.get("manifest_sha256"), "split": split,
         "split_subjects": _split_subjects(manifest, split), "n_frames": len(indices),
         "n_frames_per_plane": {p: int((plane == i).sum()) for i, p in enumerate(planes) if (plane == i).any()},
@@ -753,14 +759,8 @@ def evaluate_approach(models: Sequence[EvalModel], split: str = "test", n_subjec
     results, baseline, rel = _tables(errors, plane, planes, entries, models, baseline)
     every = np.zeros(len(plane), np.int64)
     details: dict[str, Any] = {
-        "format": "cardiac_copilot_evaluation", "format_version": 1,
-        "created": _dt.datetime.now().isoformat(timespec="seconds"),
-        "axes": list(ACTION_AXES), "units": list(ACTION_UNITS),
-        "metrics": {"mae": "mean absolute error per axis", "std": "standard deviation (ddof 0) of the absolute "
-                    "error", "rel_change_pct": "(mae - mae_baseline) / mae_baseline * 100; negative = better",
-                    "angles": "Euler-angle errors wrapped to [0, 180] deg",
-                    "ratio": "MAE / MAE of the train-mean predictor (bootstrap)",
-                    "coverage": "fraction of frames inside the model's central Laplace interval"},
+        **_details_head(ratio="MAE / MAE of the train-mean predictor (bootstrap)",
+                        coverage="fraction of frames inside the model's central Laplace interval"),
         "cache": None, "manifest_sha256": None, "split": f"approach-{split}", "approach": first.meta,
         "split_subjects": names, "n_frames": len(gt),
         "n_frames_per_plane": {p: int((plane == i).sum()) for i, p in enumerate(planes) if (plane == i).any()},
