@@ -8,6 +8,8 @@ Presets (``--preset``):
   batch 32, lr 3e-4, 2000 steps.
 * ``approach``: the default model (issue 12): ResNet-10, 64 px, frames rendered on the fly over the
   closed loop's whole start range on 400 subjects, uncertainty head, 2000 steps (about an hour on 2 cores).
+* ``fine``: the fine stage of coarse-to-fine: as ``approach`` but only within +-15 mm / +-15 deg of
+  the target (``--sim-max-offset-mm/-deg``), for the runtime's final approach (``fine_model_path``).
 * ``smoke``: seconds, for tests: ResNet-18, 32 px, batch 8, a few steps, no workers.
 """
 
@@ -61,6 +63,8 @@ class TrainConfig:
     sim_items_per_epoch: int = 50000
     sim_render_sizes: str = "224"       # comma-separated px the simulator renders at (one drawn per item)
     sim_mix: str = "uniform=0.4,near=0.35,expert=0.25,cache=0.25"  # pose sources (cache only with --data)
+    sim_max_offset_mm: float = 40.0     # start range: +-mm in x, y (z: a fifth of it); the closed loop's is 40
+    sim_max_offset_deg: float = 40.0    # start range: +-deg per angle; the closed loop's is 40
     # data loading
     workers: int = 4
     threads: int = 0                    # torch CPU threads per process; 0 = auto (cores / processes - workers)
@@ -95,6 +99,8 @@ class TrainConfig:
             raise ValueError("lr must be > 0")
         if self.sim_subjects < 0 or self.nll_weight < 0:
             raise ValueError("sim_subjects and nll_weight must be >= 0")
+        if not (0 < self.sim_max_offset_mm <= 100 and 0 < self.sim_max_offset_deg <= 90):
+            raise ValueError("sim_max_offset_mm must be in (0, 100] mm and sim_max_offset_deg in (0, 90] deg")
         if self.sim_subjects:
             parse_mix(self.sim_mix)
             parse_sizes(self.sim_render_sizes)
@@ -149,6 +155,13 @@ PRESETS: dict[str, dict[str, Any]] = {
                      min_lr=1e-5, workers=1, prefetch=6, val_every=250, checkpoint_every=250, log_every=20,
                      dreamer_dim=128, dreamer_depth=2, dreamer_heads=4, uncertainty=True, sim_subjects=400,
                      augment=True, sim_render_sizes="128"),
+    # the fine stage of coarse-to-fine (issue 12 item 3): the same network trained only on a narrow
+    # range around the target (+-15 mm x, y, +-3 mm z, +-15 deg), where the coarse model's errors end
+    "fine": dict(backbone="resnet10", input_size=64, epochs=1000, max_steps=6000, batch_size=32, lr=5e-4,
+                 min_lr=1e-5, workers=1, prefetch=6, val_every=250, checkpoint_every=250, log_every=20,
+                 dreamer_dim=128, dreamer_depth=2, dreamer_heads=4, uncertainty=True, sim_subjects=400,
+                 augment=True, sim_render_sizes="128", sim_mix="uniform=0.6,near=0.4",
+                 sim_max_offset_mm=15.0, sim_max_offset_deg=15.0),
     "smoke": dict(backbone="resnet18", input_size=32, epochs=1, max_steps=4, batch_size=8, lr=1e-3,
                   min_lr=1e-4, workers=0, val_every=2, val_max_frames=64, checkpoint_every=2, log_every=1,
                   dreamer_dim=32, dreamer_depth=1, dreamer_heads=2, progress=False),

@@ -199,12 +199,16 @@ def _sim_datasets(cfg: TrainConfig, transform: Any) -> tuple[Dataset, Dataset, d
     cls = SimPairDataset if cfg.model == "dreamer" else SimFrameDataset
     train = cls(train_seeds, length=cfg.sim_items_per_epoch, image_size=size,
                 render_sizes=parse_sizes(cfg.sim_render_sizes), mix=parse_mix(cfg.sim_mix), seed=cfg.seed,
-                held_out=held, cache=cache, jitter=transform is not None)
-    vs = make_approach_set(val_seeds, cfg.sim_val_frames_per_plane, image_size=size, seed=cfg.seed + 1)
+                held_out=held, cache=cache, jitter=transform is not None, max_offset_mm=cfg.sim_max_offset_mm,
+                max_offset_deg=cfg.sim_max_offset_deg)
+    vs = make_approach_set(val_seeds, cfg.sim_val_frames_per_plane, image_size=size, seed=cfg.seed + 1,
+                           max_offset_mm=cfg.sim_max_offset_mm, max_offset_deg=cfg.sim_max_offset_deg)
     val = ArrayFrames(vs.images, vs.actions, vs.plane, vs.subject)
     mean, std = train.label_stats()
     manifest.update(input_size=[size, size], sim={"train_seeds": [train_seeds[0], train_seeds[-1]],
                                                    "val_seeds": [val_seeds[0], val_seeds[-1]],
+                                                   "max_offset_mm": cfg.sim_max_offset_mm,
+                                                   "max_offset_deg": cfg.sim_max_offset_deg,
                                                    "action_mean": mean.tolist(), "action_std": std.tolist()})
     return train, val, manifest
 
