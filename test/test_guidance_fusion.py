@@ -77,30 +77,29 @@ def guidance(bundle_path: Path):
 
 
 class Probe:
-    def __init__(self, node) -> None:
+    def __init__(self, node, ns: str = NS) -> None:
         self.node = node
-        self.pub_image = node.create_publisher(Image, f"{NS}/image", qos_profile_sensor_data)
-        self.pub_pose = node.create_publisher(PoseStamped, f"{NS}/probe_pose", qos_profile_sensor_data)
+        self.pub_image = node.create_publisher(Image, f"{ns}/image", qos_profile_sensor_data)
+        self.pub_pose = node.create_publisher(PoseStamped, f"{ns}/probe_pose", qos_profile_sensor_data)
         self.guidance: dict[int, TwistStamped] = {}
         self.target: dict[int, PoseStamped] = {}
         self.cov: dict[int, PoseWithCovarianceStamped] = {}
         self.markers: dict[int, MarkerArray] = {}
         self.diag: list[DiagnosticStatus] = []
         key = lambda m: conv.stamp_to_ns(m.header.stamp)  # noqa: E731
-        node.create_subscription(TwistStamped, f"{NS}/guidance", lambda m: self.guidance.__setitem__(key(m), m), 100)
-        node.create_subscription(PoseStamped, f"{NS}/target_pose", lambda m: self.target.__setitem__(key(m), m), 100)
-        node.create_subscription(PoseWithCovarianceStamped, f"{NS}/target_pose_cov",
+        node.create_subscription(TwistStamped, f"{ns}/guidance", lambda m: self.guidance.__setitem__(key(m), m), 100)
+        node.create_subscription(PoseStamped, f"{ns}/target_pose", lambda m: self.target.__setitem__(key(m), m), 100)
+        node.create_subscription(PoseWithCovarianceStamped, f"{ns}/target_pose_cov",
                                  lambda m: self.cov.__setitem__(key(m), m), 100)
-        node.create_subscription(MarkerArray, f"{NS}/guidance_markers",
+        node.create_subscription(MarkerArray, f"{ns}/guidance_markers",
                                  lambda m: self.markers.__setitem__(key(m.markers[0]), m) if m.markers else None, 100)
         node.create_subscription(DiagnosticArray, "/diagnostics", self._on_diag, 10)
-        self.params = node.create_client(SetParameters, f"{NS}/guidance_node/set_parameters")
-        self.reset = node.create_client(Trigger, f"{NS}/guidance_node/reset_target")
+        self.params = node.create_client(SetParameters, f"{ns}/guidance_node/set_parameters")
+        self.reset = node.create_client(Trigger, f"{ns}/guidance_node/reset_target")
         self._stamp = time.time_ns()
 
     def _on_diag(self, msg: DiagnosticArray) -> None:
-        self.diag += [st for st in msg.status if st.name.startswith(f"{NS[1:]}") or "ftest" in st.name
-                      or st.name.endswith("guidance_node: guidance")]
+        self.diag += [st for st in msg.status if st.name.endswith("guidance_node: guidance")]
 
     def spin_until(self, pred, timeout_s: float = 10.0) -> bool:
         return spin_until(self.node, pred, timeout_s)

@@ -45,6 +45,7 @@ from visualization_msgs.msg import Marker, MarkerArray
 
 from .. import images
 from .. import pose as pose_alg
+from ..coarse_to_fine import StageConfig, StageSelector
 from ..engines import ENGINES
 from ..planes import PLANE_NAMES
 from ..runtime import (
@@ -73,6 +74,11 @@ GUIDANCE_MODES = ("fused", "per_frame")
 FUSION_PARAMS = {"fusion_time_constant_s": "time_constant_s", "fusion_window_s": "window_s",
                  "fusion_max_gap_s": "max_gap_s", "fusion_gate_mm": "gate_mm", "fusion_gate_deg": "gate_deg",
                  "fusion_reset_after_outliers": "reset_after_outliers"}
+#: node parameter -> StageConfig field (coarse-to-fine hand-over; changeable at run time).
+STAGE_PARAMS = {"fine_enter_mm": "enter_mm", "fine_enter_deg": "enter_deg", "fine_exit_mm": "exit_mm",
+                "fine_exit_deg": "exit_deg"}
+#: File name of the default fine-stage bundle beside the default model.
+DEFAULT_FINE_MODEL_NAME = "fine.pt"
 THROTTLE_S = 2.0
 #: Probe poses kept for lookups at image stamps.
 POSE_BUFFER = 200
@@ -313,8 +319,11 @@ class GuidanceNode(Node):
         self._tf2_ros = self._import_tf2_ros()
         self.runtime = self._load_runtime()
         self.get_logger().info(f"model {self.runtime.describe()}")
+        self.fine_runtime = self._load_fine_runtime()
         try:
             self._plane = self.runtime.plane_name(gp("target_plane").value)
+            if self.fine_runtime is not None:
+                self.fine_runtime.plane_name(self._plane)
         except ValueError as exc:
             raise StartupError(f"parameter target_plane: {exc}") from None
         self._use_dreamer = bool(gp("use_dreamer").value)
@@ -393,6 +402,13 @@ class GuidanceNode(Node):
                                    read_only=True))
         d("model_sha256", "", _descr("SHA-256 hex digest that pins the model file; the node refuses to start "
                                      "when the file differs; empty = not pinned", read_only=True))
+        d("fine_model_path", "", _descr(
+            "fine stage of coarse-to-fine: a bundle trained on the last centimetre (preset fine) that guides, in "
+            "fused mode, once the coarse fused target is within fine_enter_mm / fine_enter_deg; empty = the "
+            "package's models/fine.pt when model_path is empty too and the file exists; 'none' = off",
+            read_only=True))
+        d("fine_model_sha256", "", _descr("SHA-256 hex digest that pins the fine model file; empty = not pinned",
+                                          read_only=True))
         d("device", "auto", _descr("inference device", True, "auto (CUDA when present) | cpu | cuda"))
         d("num_threads", 0, _descr("torch intra-op threads; 0 = number of cores - 1 (at least 1)", True,
                                    integer_range=_int_range(0, 256)))
@@ -451,9 +467,10 @@ class GuidanceNode(Node):
                  "zero/negative stamps; changeable at run time",
                  floating_point_range=_float_range(0.0, 86400.0)))
 
-    def _load_runtime(self) -> GuidanceRuntime:
-        raw = str(self.get_parameter("model_path").value).strip()
-        path = Path(raw).expanduser() if raw else default_model_path()
+    def _load_runtime(self, path: Path | None = None, sha256_param: str = "model_sha256") -> GuidanceRuntime:
+        if path is None:
+            raw = str(self.get_parameter("model_path").value).strip()
+            path = Path(raw).expanduser() if raw else default_model_path()
         if not path.is_file():
             raise StartupError(f"model file {path} not found; {MODEL_HINT}")
         threads = int(self.get_parameter("num_threads").value) or default_num_threads()
@@ -467,7 +484,7 @@ class GuidanceNode(Node):
             raise StartupError(f"parameter engine={engine!r} is invalid; choose one of {', '.join(ENGINES)}")
         try:
             runtime = GuidanceRuntime(path, device=self.get_parameter("device").value, num_threads=threads,
-                                      crop_roi=roi, model_sha256=str(self.get_parameter("model_sha256").value),
+                                      crop_roi=roi, model_sha256=str(self.get_parameter(sha256_param).value),
                                       engine=engine, log=self.get_logger().info)
             warning = runtime.slow_warning(float(self.get_parameter("expected_rate_hz").value))
             if warning:
@@ -477,6 +494,34 @@ class GuidanceNode(Node):
             raise StartupError(f"cannot load model file {path}: {exc}") from exc
         except Exception as exc:
             raise StartupError(f"cannot load model file {path}: {type(exc).__name__}: {exc}") from exc
+
+    def _fine_model_file(self) -> Path | None:
+        """The fine-stage bundle to load, or None (coarse-to-fine off)."""
+        raw = str(self.get_parameter("fine_model_path").value).strip()
+        if raw.lower() == "none":
+            return None
+        if raw:
+            return Path(raw).expanduser()
+        if str(self.get_parameter("model_path").value).strip():
+            return None  # a model of the user's own: no default fine stage paired with it
+        path = default_model_path().with_name(DEFAULT_FINE_MODEL_NAME)
+        return path if path.is_file() else None
+
+    def _load_fine_runtime(self) -> GuidanceRuntime | None:
+        """The fine stage of coarse-to-fine (docs/ARCHITECTURE.md), or None."""
+        path = self._fine_model_file()
+        if path is None:
+            self.get_logger().info("coarse-to-fine off: no fine model (fine_model_path)")
+            return None
+        try:
+            runtime = self._load_runtime(path, "fine_model_sha256")
+        except StartupError as exc:
+            raise StartupError(f"parameter fine_model_path: {exc}") from None
+        if runtime.input_size != self.runtime.input_size:
+            self.get_logger().info(f"fine model input {runtime.input_size} differs from the coarse model's "
+                                   f"{self.runtime.input_size}: each resizes on its own")
+        self.get_logger().info(f"fine model {runtime.describe()}")
+        return runtime
 
     def _import_tf2_ros(self) -> Any:
         """tf2_ros, or None where it is not installed (then pose_source=tf cannot start)."""
@@ -509,6 +554,8 @@ class GuidanceNode(Node):
             if p.name == "target_plane":
                 try:
                     updates["plane"] = self.runtime.plane_name(p.value)
+                    if self.fine_runtime is not None:
+                        self.fine_runtime.plane_name(updates["plane"])
                 except (ValueError, TypeError) as exc:
                     return SetParametersResult(successful=False, reason=str(exc))
             elif p.name == "use_dreamer":
@@ -547,6 +594,8 @@ class GuidanceNode(Node):
             self._use_dreamer = updates["dreamer"]
         if "roi" in updates:
             self.runtime.crop_roi = updates["roi"]
+            if self.fine_runtime is not None:
+                self.fine_runtime.crop_roi = updates["roi"]
         if "plane_size" in updates:
             self._plane_size_m = updates["plane_size"]
         if "pose_age" in updates:
@@ -687,8 +736,10 @@ class GuidanceNode(Node):
         if gray is None:
             return
         plane, refine = self._plane, self._use_dreamer
+        stage = self._stage_for_frame()
+        runtime = self.fine_runtime if stage == "fine" else self.runtime
         try:
-            pred = self.runtime.predict(gray, plane, refine)
+            pred = runtime.predict(gray, plane, refine)
         except FrameError as exc:
             self._stats.add("bad_images")
             self._last_reject = f"bad image: {exc}"
@@ -706,7 +757,7 @@ class GuidanceNode(Node):
         T_probe, why = self._probe_pose_at(stamp_ns)
         if T_probe is not None and self._calib_mm is not None:
             T_probe = T_probe @ self._calib_mm   # tool pose -> image-frame pose (probe_calibration)
-        fused = self._fuse_frame(pred, stamp_ns, T_probe, why)  # None: per-frame guidance
+        fused = self._fuse_frame(pred, stamp_ns, T_probe, why, stage)  # None: per-frame guidance
         action = pred.action if fused is None else fused[0]
         guidance = conv.action_to_twist_stamped(action, stamp, self._probe_frame)
         self._pub_guidance.publish(guidance)
@@ -801,6 +852,20 @@ class GuidanceNode(Node):
             "outlier gate floor [deg] on the rotation", floating_point_range=_float_range(0.1, 180.0)))
         d("fusion_reset_after_outliers", defaults.reset_after_outliers, _descr(
             "this many consecutive rejected estimates -> reset (the patient moved)", integer_range=_int_range(1, 1000)))
+        stage = StageConfig()
+        d("fine_enter_mm", stage.enter_mm, _descr(
+            "coarse-to-fine (with a fine model): the fine model guides once the coarse fused target is within "
+            "this [mm] (and fine_enter_deg) of the probe", floating_point_range=_float_range(0.1, 1000.0)))
+        d("fine_enter_deg", stage.enter_deg, _descr(
+            "coarse-to-fine: rotation [deg] within which the fine model takes over",
+            floating_point_range=_float_range(0.1, 180.0)))
+        d("fine_exit_mm", stage.exit_mm, _descr(
+            "coarse-to-fine: back to the coarse model when the probe or the fine fused target is farther than "
+            "this [mm] from the coarse target at the hand-over (>= fine_enter_mm)",
+            floating_point_range=_float_range(0.1, 1000.0)))
+        d("fine_exit_deg", stage.exit_deg, _descr(
+            "coarse-to-fine: the same in rotation [deg] (>= fine_enter_deg)",
+            floating_point_range=_float_range(0.1, 180.0)))
 
     def _setup_fusion(self) -> None:
         gp = self.get_parameter
@@ -814,7 +879,13 @@ class GuidanceNode(Node):
             raise StartupError(f"fusion parameters: {exc}") from None
         self._guidance_mode = mode
         self._pose_guidance_rate_hz = float(gp("pose_guidance_rate_hz").value)
-        self._fusion = TargetFusion(config)
+        try:
+            stage_config = StageConfig().updated(**{f: float(gp(p).value) for p, f in STAGE_PARAMS.items()})
+        except (ValueError, TypeError) as exc:
+            raise StartupError(f"coarse-to-fine parameters: {exc}") from None
+        self._fusion = TargetFusion(config)            # the coarse model's estimates
+        self._fine_fusion = TargetFusion(config)       # the fine model's (coarse-to-fine)
+        self._stages = StageSelector(stage_config)
         self._fusion_lock = threading.Lock()
         self._fusion_counts = {"fused_frames": 0, "fused_fallbacks": 0, "pose_guidance_published": 0}
         self._fallbacks_at_last_diag = 0
@@ -825,50 +896,77 @@ class GuidanceNode(Node):
         self.add_on_set_parameters_callback(self._check_fusion_parameters)
         self.add_post_set_parameters_callback(self._apply_fusion_parameters)
 
-    def _fusion_changes(self, params: list[Parameter]) -> tuple[str, FusionConfig | None]:
-        """(error or "", the new fusion configuration or None) for the fusion parameters in ``params``."""
+    def _fusion_changes(self, params: list[Parameter]
+                        ) -> tuple[str, FusionConfig | None, StageConfig | None]:
+        """(error or "", the new fusion configuration or None, the new coarse-to-fine configuration or
+        None) for the fusion parameters in ``params``."""
         changes = {FUSION_PARAMS[p.name]: p.value for p in params if p.name in FUSION_PARAMS}
+        stage_changes = {STAGE_PARAMS[p.name]: float(p.value) for p in params if p.name in STAGE_PARAMS}
         for p in params:
             if p.name == "guidance_mode" and p.value not in GUIDANCE_MODES:
-                return f"guidance_mode must be one of {', '.join(GUIDANCE_MODES)}", None
+                return f"guidance_mode must be one of {', '.join(GUIDANCE_MODES)}", None, None
         try:
-            return "", self._fusion.config.updated(**changes) if changes else None
+            return ("", self._fusion.config.updated(**changes) if changes else None,
+                    self._stages.config.updated(**stage_changes) if stage_changes else None)
         except (ValueError, TypeError) as exc:
-            return str(exc), None
+            return str(exc), None, None
 
     def _check_fusion_parameters(self, params: list[Parameter]) -> SetParametersResult:
-        error, _ = self._fusion_changes(params)
+        error, _, _ = self._fusion_changes(params)
         return SetParametersResult(successful=not error, reason=error)
+
+    def _reset_targets(self, reason: str, key_change: bool = False) -> None:
+        """Forget both fused estimates and go back to the coarse stage (caller holds the lock)."""
+        self._fusion.reset(reason, key_change=key_change)
+        self._fine_fusion.reset(reason, key_change=key_change)
+        self._stages.reset(reason)
 
     def _apply_fusion_parameters(self, params: list[Parameter]) -> None:
         """After a successful set: apply the fusion parameters, reset on a mode, plane or model change."""
-        _, config = self._fusion_changes(params)
+        _, config, stage_config = self._fusion_changes(params)
         names = {p.name: p.value for p in params}
         with self._fusion_lock:
             if config is not None:
                 self._fusion.configure(config)
+                self._fine_fusion.configure(config)
+            if stage_config is not None:
+                self._stages.configure(stage_config)
             mode = names.get("guidance_mode")
             if mode is not None and mode != self._guidance_mode:
-                self._fusion.reset("guidance_mode changed", key_change=True)
+                self._reset_targets("guidance_mode changed", key_change=True)
                 self._guidance_mode = mode
                 self.get_logger().info(f"guidance_mode: {mode}")
             if "target_plane" in names or "use_dreamer" in names:
                 # the old estimate must not drive pose-rate guidance for the new plane
-                self._fusion.reset("target plane or model changed", key_change=True)
+                self._reset_targets("target plane or model changed", key_change=True)
             if "pose_guidance_rate_hz" in names:
                 self._pose_guidance_rate_hz = float(names["pose_guidance_rate_hz"])
 
     def _on_reset_target(self, request: Trigger.Request, response: Trigger.Response) -> Trigger.Response:
         with self._fusion_lock:
-            self._fusion.reset()
+            self._reset_targets("requested")
         self.get_logger().info("fused target estimate reset (~/reset_target)")
         response.success, response.message = True, "fused target estimate reset"
         return response
 
-    def _fuse_frame(self, pred: Any, stamp_ns: int, T_probe: np.ndarray | None, why: str
+    def _stage_for_frame(self) -> str:
+        """Which model runs on the next frame: ``fine`` only in fused mode with a fine model, once the
+        coarse fused target is near (cardiac_copilot_ros.coarse_to_fine); else ``coarse``."""
+        if self.fine_runtime is None or self._guidance_mode != "fused":
+            return "coarse"
+        with self._fusion_lock:
+            return self._stages.stage
+
+    @property
+    def _active_fusion(self) -> TargetFusion:
+        """The fusion whose target guides now (caller holds the lock)."""
+        return self._fine_fusion if self._stages.stage == "fine" else self._fusion
+
+    def _fuse_frame(self, pred: Any, stamp_ns: int, T_probe: np.ndarray | None, why: str, stage: str = "coarse"
                     ) -> tuple[np.ndarray, np.ndarray, FusedTarget] | None:
-        """Fused mode: add this frame's target estimate; (guidance action at the image's probe pose,
-        fused target pose, fused target). None in per_frame mode or without a probe pose (fallback)."""
+        """Fused mode: add this frame's target estimate (to the fusion of the ``stage`` whose model made
+        it); (guidance action at the image's probe pose, fused target pose, fused target). None in
+        per_frame mode or without a probe pose (fallback)."""
         if self._guidance_mode != "fused":
             return None
         if T_probe is None:
@@ -878,20 +976,40 @@ class GuidanceNode(Node):
                                       "publishing this frame's own prediction", throttle_duration_sec=THROTTLE_S)
             return None
         scale = pred.action_scale  # per-axis Laplace scale (mm, deg) or None
+        switch = None
         with self._fusion_lock:
+            if stage != self._stages.stage:   # the stage changed while the model ran: the frame is stale
+                return None
+            fusion = self._active_fusion
             try:
-                up = self._fusion.add(stamp_ns * 1e-9, T_probe, pose_alg.action_to_matrix(pred.action), scale,
-                                      key=(pred.plane, pred.refined))
+                up = fusion.add(stamp_ns * 1e-9, T_probe, pose_alg.action_to_matrix(pred.action), scale,
+                                key=(pred.plane, pred.refined))
             except ValueError as exc:  # a malformed action_scale from the model
                 self._fusion_counts["fused_fallbacks"] += 1
                 self.get_logger().warning(f"cannot fuse this frame ({exc}): per-frame guidance",
                                           throttle_duration_sec=THROTTLE_S)
                 return None
             self._fusion_counts["fused_frames"] += 1
+            fused = up.fused
+            assert fused is not None
+            if self.fine_runtime is not None:
+                self._stages.count(stage)
+                if stage == "coarse":
+                    switch = self._stages.after_coarse(T_probe, fused)
+                    if switch:   # the fine model starts from nothing; this frame still guides
+                        self._fine_fusion.reset("coarse-to-fine: fine stage", key_change=True)
+                else:
+                    if up.reset:   # the fine estimates restarted (gap, patient moved): start over from coarse
+                        self._stages.reset(f"fine estimate reset ({up.reset})")
+                        switch = self._stages.last_change
+                    else:
+                        switch = self._stages.after_fine(T_probe, fused)
+                    if switch:   # start the coarse estimate afresh (no ping-pong on old estimates)
+                        self._fusion.reset("coarse-to-fine: back to coarse", key_change=True)
         if up.reset:
             self.get_logger().info(f"fused target estimate reset: {up.reset}", throttle_duration_sec=THROTTLE_S)
-        fused = up.fused
-        assert fused is not None
+        if switch:
+            self.get_logger().info(f"coarse-to-fine: {switch}", throttle_duration_sec=THROTTLE_S)
         return pose_alg.relative_action(T_probe, fused.T_mm), fused.T_mm, fused
 
     def _publish_pose_guidance(self, stamp_ns: int, T_probe: np.ndarray) -> None:
@@ -904,7 +1022,7 @@ class GuidanceNode(Node):
             return
         now = time.monotonic()
         with self._fusion_lock:
-            fused = self._fusion.fused
+            fused = self._active_fusion.fused
             if fused is None or now - self._last_pose_guidance < 1.0 / self._pose_guidance_rate_hz:
                 return
             if abs(stamp_ns * 1e-9 - fused.stamp_s) > self._fusion.config.max_gap_s:
@@ -943,11 +1061,19 @@ class GuidanceNode(Node):
             ft = self._fusion.fused
             last_reset = self._fusion.last_reset
             mode = self._guidance_mode
+            stage, stage_change, sc = self._stages.stage, self._stages.last_change, self._stages.counters
+            if stage == "fine":
+                fc, ft, last_reset = self._fine_fusion.counters, self._fine_fusion.fused, self._fine_fusion.last_reset
         out = {"guidance_mode": mode, "fusion_estimates": str(fc.estimates), "fusion_outliers": str(fc.outliers),
                "fusion_resets": str(fc.resets), "fusion_resets_key": str(fc.resets_key),
                "fusion_resets_gap": str(fc.resets_gap), "fusion_resets_disagreement": str(fc.resets_disagreement),
                "fusion_resets_requested": str(fc.resets_requested), "fusion_last_reset": str(last_reset or "")}
         out.update({k: str(v) for k, v in counts.items()})
+        if self.fine_runtime is not None:
+            out.update({"stage": stage if mode == "fused" else "coarse", "stage_last_change": stage_change,
+                        "stage_to_fine": str(sc.to_fine), "stage_to_coarse": str(sc.to_coarse),
+                        "stage_fine_frames": str(sc.fine_frames), "stage_coarse_frames": str(sc.coarse_frames),
+                        "fine_model": str(self.fine_runtime.path)})
         if ft is not None:
             out["fused_frames_in_window"] = str(ft.n)
             out["fused_std_mm"] = ",".join(f"{v:.2f}" for v in ft.std_mm)
