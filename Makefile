@@ -14,7 +14,18 @@ export PYTHONUNBUFFERED := 1
 
 .PHONY: setup test lint pytest test-slow demo bench clean
 
-setup: $(STAMP)
+# ONNX Runtime versions of the shipped bundles (engine auto measures both and keeps the faster: on CPUs
+# ONNX Runtime, 1.6x for the default; docs/BENCHMARK.md). Generated, not in git; a failed conversion only
+# warns (guidance then runs on torch).
+ONNX_MODELS := $(patsubst %.pt,%.onnx,$(wildcard models/*.pt))
+
+setup: $(STAMP) $(ONNX_MODELS)
+
+models/%.onnx: models/%.pt $(STAMP)
+	@echo "converting $< to ONNX (once; about 30 s)"
+	@$(VENV)/bin/cardiac-copilot export $< --format onnx --out $@ > $@.log 2>&1 && tail -n 1 $@.log \
+		|| (tail -n 3 $@.log; echo "warning: $@ not written; guidance runs $< on torch")
+	@rm -f $@.log
 
 $(STAMP): requirements/core.txt requirements/ros.txt requirements/onnx.txt requirements/dev.txt setup.py setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

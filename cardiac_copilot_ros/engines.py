@@ -19,7 +19,8 @@ of a TorchScript bundle and :func:`choose` to pick the faster engine at start-up
   such a file (or without onnxruntime, or on CUDA) it is ``torch``, and the log line says how to
   get the other engine: convert once with
   ``cardiac-copilot export MODEL.pt --format onnx --out MODEL.onnx`` (``auto`` does not convert in
-  memory: that would add tens of seconds to every start).
+  memory: that would add tens of seconds to every start). ``make setup`` converts the shipped
+  bundles (``models/*.onnx``, generated at set-up, not in git).
 """
 
 from __future__ import annotations
