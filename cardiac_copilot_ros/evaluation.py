@@ -689,8 +689,12 @@ def evaluate_approach(models: Sequence[EvalModel], split: str = "test", n_subjec
                       frames_per_plane: int = 40, seed: int = 12, batch_size: int = 64, device: str = "cpu",
                       baseline: str | None = None, allow_overlap: bool = False, fig_bins: int = 8,
                       fig_min_count: int = 10, n_boot: int = 2000, progress: bool = True,
-                      log: Callable[[str], None] = print) -> EvalResult:
+                      log: Callable[[str], None] = print, max_offset_mm: float = 40.0,
+                      max_offset_deg: float = 40.0) -> EvalResult:
     """Evaluate ``models`` on the held-out approach set (:func:`~.data.approach.make_approach_set`).
+
+    ``max_offset_mm`` / ``max_offset_deg``: the range the poses are drawn from (the closed loop's
+    start range by default; e.g. 15 / 15 for a fine-stage model, preset ``fine``).
 
     The set is rendered at 224 px (as scanner_sim_node publishes) on the ``split`` subjects
     (:data:`~.data.approach.SPLIT_SEEDS`), deterministically from ``seed``. The train-mean row
@@ -725,7 +729,10 @@ def evaluate_approach(models: Sequence[EvalModel], split: str = "test", n_subjec
         elif chk["status"] != "ok":
             log(f"warning: {chk['message']}")
     # one rendering per input size (the runtime's area resize from 224 px)
+    if not (0 < max_offset_mm <= 100 and 0 < max_offset_deg <= 90):
+        raise EvaluationError("approach range: max offset must be in (0, 100] mm and (0, 90] deg")
     sets = {hw: make_approach_set(seeds, frames_per_plane, image_size=hw[0], render_size=224, seed=seed,
+                                  max_offset_mm=max_offset_mm, max_offset_deg=max_offset_deg,
                                   progress=progress) for hw in sizes if hw[0] == hw[1]}
     if len(sets) != len(sizes):
         raise EvaluationError("approach set: non-square model inputs are not supported")
@@ -754,7 +761,8 @@ def evaluate_approach(models: Sequence[EvalModel], split: str = "test", n_subjec
                                 **{p: calibration(errors[entry][plane == i], scales[plane == i])
                                    for i, p in enumerate(planes) if (plane == i).any()}}
         timings[m.name] = round(time.perf_counter() - t0, 3)
-    mean_action = approach_label_mean(split_seeds("train", APPROACH_MEAN_SUBJECTS), frames_per_plane, seed)
+    mean_action = approach_label_mean(split_seeds("train", APPROACH_MEAN_SUBJECTS), frames_per_plane, seed,
+                                      max_offset_mm=max_offset_mm, max_offset_deg=max_offset_deg)
     errors[MEAN_ENTRY] = abs_errors(np.broadcast_to(mean_action, gt.shape), gt)
     results, baseline, rel = _tables(errors, plane, planes, entries, models, baseline)
     every = np.zeros(len(plane), np.int64)
@@ -1029,6 +1037,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"frames per subject and plane (default {APPROACH_DEFAULTS['frames_per_plane']})")
     g.add_argument("--approach-seed", type=int, default=APPROACH_DEFAULTS["seed"], metavar="S",
                    help=f"generator seed of the set (default {APPROACH_DEFAULTS['seed']})")
+    g.add_argument("--approach-max-offset-mm", type=float, default=40.0, metavar="MM",
+                   help="range of the poses: +-MM in x, y, a fifth in z (default 40: the closed loop's start range; "
+                        "15 for a fine-stage model)")
+    g.add_argument("--approach-max-offset-deg", type=float, default=40.0, metavar="DEG",
+                   help="range of the poses: +-DEG per angle (default 40)")
     g.add_argument("--bootstrap", type=int, default=2000, metavar="N", help="bootstrap resamples (2000)")
 
 
@@ -1076,7 +1089,9 @@ def run(args: argparse.Namespace) -> int:
                                       args.approach_seed, batch_size=args.batch_size, device=device,
                                       baseline=args.baseline, allow_overlap=args.allow_overlap,
                                       fig_bins=args.fig_bins, fig_min_count=args.fig_min_count,
-                                      n_boot=args.bootstrap, progress=not args.no_progress, log=log)
+                                      n_boot=args.bootstrap, progress=not args.no_progress, log=log,
+                                      max_offset_mm=args.approach_max_offset_mm,
+                                      max_offset_deg=args.approach_max_offset_deg)
     except EvaluationError as exc:
         print(f"evaluate: {exc}", file=sys.stderr)
         return 2

@@ -265,5 +265,28 @@ def test_train_export_evaluate_on_the_fly(tmp_path):
     assert "m/policy - m/dreamer" in boot["pairs"]
     assert set(details["calibration"]["m/policy"]["ALL"]["coverage"]) == {"0.68", "0.95"}
     assert (tmp_path / "ev" / "fig3.png").stat().st_size > 0 and (tmp_path / "ev" / "table_ci.md").is_file()
+    # the fine stage's range: a narrower approach set (and its own train-mean row)
+    assert cli.main(["evaluate", str(tmp_path / "m.pt"), "--approach", "--approach-subjects", "2",
+                     "--approach-frames", "2", "--bootstrap", "100", "--out", str(tmp_path / "ev15"),
+                     "--approach-max-offset-mm", "15", "--approach-max-offset-deg", "15", "--no-progress"]) == 0
+    fine = json.loads((tmp_path / "ev15" / "details.json").read_text())
+    assert fine["approach"]["max_offset_mm"] == 15 and fine["approach"]["max_offset_deg"] == 15
+    assert max(abs(v) for v in fine["train_mean"]["action"]) < max(abs(v) for v in details["train_mean"]["action"])
+    assert cli.main(["evaluate", str(tmp_path / "m.pt"), "--approach", "--approach-max-offset-mm", "0"]) == 2
     # without --data and --approach there is nothing to evaluate
     assert cli.main(["evaluate", str(tmp_path / "m.pt")]) == 2
+
+
+def test_fine_preset_draws_poses_near_the_target() -> None:
+    from cardiac_copilot_ros.data.approach import SimFrameDataset
+    from cardiac_copilot_ros.training.config import make_config, parse_mix
+
+    cfg = make_config("fine", model="baseline")
+    assert (cfg.sim_max_offset_mm, cfg.sim_max_offset_deg) == (15.0, 15.0) and cfg.sim_subjects > 0
+    ds = SimFrameDataset([20000, 20001], length=200, mix=parse_mix(cfg.sim_mix),
+                         max_offset_mm=cfg.sim_max_offset_mm, max_offset_deg=cfg.sim_max_offset_deg)
+    offsets = np.array([np.abs(ds.draw(k)["action"]) for k in range(200)])
+    # labels stay within the fine range (the action is the inverse offset: equal size up to rotation coupling)
+    assert offsets[:, 3:].max() < 20.0 and np.linalg.norm(offsets[:, :3], axis=1).max() < 30.0
+    with pytest.raises(ValueError, match="sim_max_offset_mm"):
+        make_config("fine", model="baseline", sim_max_offset_mm=0.0)
