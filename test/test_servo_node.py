@@ -422,6 +422,16 @@ def test_convergence_reports_plane_reached(servo: Harness) -> None:
     assert wait_for(lambda: h.reached[-1] is False, WAIT_S)
 
 
+def test_disable_withdraws_plane_reached(servo: Harness) -> None:
+    """~/plane_reached is latched: after a disable it must not keep saying true to late joiners."""
+    h = servo
+    h.guidance = ([0.001, 0.0, 0.0], [0.0, 0.01, 0.0], 0.0)
+    assert h.enable().success
+    assert wait_for(lambda: h.reached and h.reached[-1], WAIT_S)
+    assert h.enable(False).success
+    assert wait_for(lambda: h.reached[-1] is False, WAIT_S)
+
+
 def test_confidence_gate_pauses_motion(servo: Harness) -> None:
     h = servo
     h.guidance = ([0.05, 0.0, 0.0], [0.0, 0.0, 0.0], 0.0)

@@ -170,6 +170,7 @@ class ServoNode(Node):
         self._status_pub = self.create_publisher(
             String, "~/status", QoSProfile(depth=10, durability=DurabilityPolicy.TRANSIENT_LOCAL))
         self._reached_pub = self.create_publisher(Bool, "~/plane_reached", latched)
+        self._reached_published = False   # the latched value last published on ~/plane_reached
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self.create_subscription(TwistStamped, "guidance", self._on_guidance, qos_profile_sensor_data)
         self.create_subscription(PoseStamped, "probe_pose", self._on_pose, qos_profile_sensor_data)
@@ -266,6 +267,8 @@ class ServoNode(Node):
                 ok, message = True, "disabled"
         if cmd is not None:
             self._publish_command(cmd, now_ns)
+            if self._reached_published:   # disabled: the latched "reached" no longer holds
+                self._publish_reached(False)
         response.success, response.message = ok, message
         if ok:
             self.get_logger().info(f"~/enable {request.data}: {message}")
@@ -285,13 +288,17 @@ class ServoNode(Node):
         if cmd.publish:
             self._publish_command(cmd, now_ns)
         for event in cmd.events:
-            self._reached_pub.publish(Bool(data=event == "plane_reached"))
+            self._publish_reached(event == "plane_reached")
             self.get_logger().info("plane reached" if event == "plane_reached" else "left the plane: resuming")
         key = (cmd.state.value, self._ctl.enabled)
         if key != self._last_status_key or cmd.events:
             if cmd.state in (ServoState.WORKSPACE, ServoState.FAULT):
                 self.get_logger().error(cmd.reason)
             self._publish_status()
+
+    def _publish_reached(self, reached: bool) -> None:
+        self._reached_published = bool(reached)
+        self._reached_pub.publish(Bool(data=bool(reached)))
 
     def _publish_command(self, cmd: ServoCommand, now_ns: int | None = None) -> None:
         """Publish ``cmd`` stamped ``now_ns`` (the time the controller computed it) or now."""
