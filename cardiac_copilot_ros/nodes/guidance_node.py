@@ -762,7 +762,7 @@ class GuidanceNode(Node):
         guidance = conv.action_to_twist_stamped(action, stamp, self._probe_frame)
         self._pub_guidance.publish(guidance)
         t_pub = time.monotonic()
-        lat_ms = (time.time_ns() - stamp_ns) / 1e6
+        lat_ms = (self.get_clock().now().nanoseconds - stamp_ns) / 1e6   # the node clock: sim time under use_sim_time
         with self._stats.lock:
             self._stats.counts["frames_processed"] += 1
             self._stats.counts["guidance_published"] += 1
