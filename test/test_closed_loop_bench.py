@@ -101,9 +101,21 @@ def test_arguments() -> None:
         _parse(["--planes", "A2C"])                         # not simulated
 
 
+def test_fine_bundle_pairing(tmp_path: Path) -> None:
+    coarse = tmp_path / "default.pt"
+    assert clb.fine_bundle_for(None, True, coarse) is None             # no fine.pt beside it
+    (tmp_path / "fine.pt").write_bytes(b"x")
+    assert clb.fine_bundle_for(None, True, coarse) == tmp_path / "fine.pt"
+    assert clb.fine_bundle_for(None, False, coarse) is None            # a bundle of the user's own: no pairing
+    assert clb.fine_bundle_for("none", True, coarse) is None
+    assert clb.fine_bundle_for("~/f.pt", False, coarse) == Path("~/f.pt").expanduser()
+
+
 def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert clb.run(_parse(["--bundle", str(tmp_path / "nope.pt")])) == 2
     assert "not found" in capsys.readouterr().err
+    assert clb.run(_parse(["--fine-bundle", str(tmp_path / "nope.pt")])) == 2
+    assert "fine bundle not found" in capsys.readouterr().err
     assert clb.run(_parse(["--servo-params", "gain_linaer=2"])) == 2
     assert "gain_linaer" in capsys.readouterr().err
     assert clb.run(_parse(["--subject-seeds", "1,2", "--episodes", "2"])) == 2

@@ -327,6 +327,9 @@ def _servo_param(text: str) -> tuple[str, float | bool | str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None, metavar="FILE",
                         help="model bundle (TorchScript .pt or ONNX .onnx); default: models/default.pt")
+    parser.add_argument("--fine-bundle", default=None, metavar="FILE",
+                        help="fine stage of coarse-to-fine (guidance_node fine_model_path; preset fine): default "
+                             "models/fine.pt when --bundle is not given and that file exists; 'none' = off")
     parser.add_argument("--episodes", type=int, default=None, metavar="N",
                         help="episodes per plane and mode (default 3); episode k uses subject seed "
                              "--subject-seed + k (with --subject-seeds: one episode per listed seed)")
@@ -632,6 +635,7 @@ class _Bench:
         self.servo_params = {**BENCH_SERVO_PARAMS, **dict(args.servo_params)}
         self.use_dreamer = has_dreamer if args.dreamer is None else bool(args.dreamer) and has_dreamer
         self.modes = [m for m in args.modes if m != "oracle" or args.oracle]
+        self.fine_bundle: Path | None = None  # fine stage of coarse-to-fine (guidance_node fine_model_path)
         self.children: dict[str, _Child] = {}
         self.graph: _Graph | None = None
         self._guidance_cfg: tuple[str, str] | None = None
@@ -647,6 +651,7 @@ class _Bench:
         self._start("guidance", "cardiac_copilot_ros.nodes.guidance_node",
                     {"model_path": str(self.bundle.resolve()), "target_plane": plane, "guidance_mode": mode,
                      "use_dreamer": self.use_dreamer, "publish_tf": False, "device": self.args.device,
+                     "fine_model_path": str(self.fine_bundle.resolve()) if self.fine_bundle else "none",
                      **dict(self.args.guidance_params)})
         self._start("servo", "cardiac_copilot_ros.nodes.servo_node", self.servo_params)
         if "oracle" in self.modes:  # the oracle servo must not see the model's fused target spread
@@ -815,6 +820,17 @@ def _load_bundle_info(path: Path) -> bool:
     return load_bundle(path).has_dreamer
 
 
+def fine_bundle_for(arg: str | None, default_bundle: bool, bundle: Path) -> Path | None:
+    """The fine-stage bundle of a run: ``arg`` (``none``: off); unset: ``fine.pt`` beside the default
+    bundle when the default bundle is used and that file exists (guidance_node pairs them the same way)."""
+    if arg is not None:
+        return None if arg.strip().lower() in ("", "none") else Path(arg).expanduser()
+    if default_bundle:
+        path = bundle.with_name("fine.pt")
+        return path if path.is_file() else None
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
     from ..runtime import default_model_path
     from ..sim.expert import MAX_OFFSET_DEG, MAX_OFFSET_MM, random_start_offset
@@ -847,6 +863,10 @@ def run(args: argparse.Namespace) -> int:
     except Exception as exc:
         print(f"bench closed-loop: {exc}", file=sys.stderr)
         return 2
+    fine_bundle = fine_bundle_for(args.fine_bundle, args.bundle is None, bundle)
+    if fine_bundle is not None and not fine_bundle.is_file():
+        print(f"bench closed-loop: fine bundle not found: {fine_bundle}", file=sys.stderr)
+        return 2
     max_mm = MAX_OFFSET_MM if args.max_offset_mm is None else args.max_offset_mm
     max_deg = MAX_OFFSET_DEG if args.max_offset_deg is None else args.max_offset_deg
 
@@ -858,13 +878,15 @@ def run(args: argparse.Namespace) -> int:
         log_dir = args.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
     bench = _Bench(args, bundle, has_dreamer, log_dir)
+    bench.fine_bundle = fine_bundle
     plan = []  # (subject seed, plane, offset): every mode runs from the same starts
     for seed in seeds:
         for plane in args.planes:  # the start depends on (seed, subject, plane) only, not on --planes
             rng = np.random.default_rng([args.seed, seed, parse_plane(plane).index])
             plan.append((seed, plane, random_start_offset(rng, max_mm, max_deg)))
     total = len(plan) * len(bench.modes)
-    print(f"bench closed-loop: {bundle} (model {'with' if bench.use_dreamer else 'without'} Dreamer), modes "
+    print(f"bench closed-loop: {bundle} (model {'with' if bench.use_dreamer else 'without'} Dreamer"
+          f"{f'; fine stage {fine_bundle}' if fine_bundle else ''}), modes "
           f"{', '.join(bench.modes)}; {len(seeds)} episode(s) x {len(args.planes)} plane(s) on held-out "
           f"subjects {_seeds_text(seeds)}, time limit "
           f"{args.time_limit_s:g} s (at most ~{total * (args.time_limit_s + args.settle_s + 1) / 60:.0f} min); "
@@ -910,6 +932,7 @@ def run(args: argparse.Namespace) -> int:
 
     config = {
         "bundle": str(bundle), "has_dreamer": has_dreamer, "use_dreamer": bench.use_dreamer,
+        "fine_bundle": str(fine_bundle) if fine_bundle else None,
         "episodes_per_plane": len(seeds),
         "planes": list(args.planes), "modes": bench.modes, "time_limit_s": args.time_limit_s, "seed": args.seed,
         "subject_seeds": sorted({e.subject_seed for e in episodes}),
