@@ -49,3 +49,33 @@ def test_export_check_passes_and_detects_a_different_model(tmp_path: Path, capsy
     with torch.no_grad():
         model.head.fc[-1].bias.add_(0.01)
     assert min(check_bundle(model, out).values()) > TOLERANCE  # another model: the check sees it
+
+
+def test_fp16_bundle_is_half_the_size_and_runs_in_float32(tmp_path: Path, capsys) -> None:
+    from cardiac_copilot_ros.model.bundle import load_bundle
+    from cardiac_copilot_ros.runtime import GuidanceRuntime
+
+    ck = _checkpoint(tmp_path / "good.pt", None)
+    full, half = tmp_path / "full.pt", tmp_path / "half.pt"
+    assert cli.main(["export", str(ck), "--out", str(full)]) == 0
+    assert cli.main(["export", str(ck), "--out", str(half), "--fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "fp16 weights: outputs differ" in out
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    b16, b32 = load_bundle(half), load_bundle(full)
+    assert b16.meta["weights_dtype"] == "float16" and b16.meta["format_version"] == 2
+    assert "weights_dtype" not in b32.meta and b32.meta["format_version"] == 1   # readable by older code
+    assert all(p.dtype == torch.float32 for p in b16.module.parameters())
+    x = torch.rand(2, 1, 32, 32)
+    plane = torch.tensor([0, 1])
+    with torch.no_grad():
+        diff = (b16(x, plane, True) - b32(x, plane, True)).abs().max().item()
+    assert 0 < diff < 0.05   # rounded weights, float32 arithmetic
+    frame = (torch.rand(48, 48) * 255).to(torch.uint8).numpy()
+    a16 = GuidanceRuntime(half, device="cpu", warmup=1, engine="torch").predict(frame).action
+    a32 = GuidanceRuntime(full, device="cpu", warmup=1, engine="torch").predict(frame).action
+    assert abs(a16 - a32).max() < 0.05
+    # fp16 is for TorchScript files only
+    assert cli.main(["export", str(ck), "--out", str(tmp_path / "m.onnx"), "--fp16"]) == 2
+    assert cli.main(["export", str(ck), "--out", str(tmp_path / "m.pt2"), "--fp16"]) == 2
+    assert "TorchScript" in capsys.readouterr().err

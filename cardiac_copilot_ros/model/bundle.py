@@ -51,7 +51,11 @@ from cardiac_copilot_ros import code_version, pose
 from cardiac_copilot_ros.planes import PLANE_NAMES, plane_key
 
 FORMAT = "cardiac_copilot_bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Bundle format versions: 1 = float32 weights; 2 = adds ``weights_dtype`` ("float16": half-size files,
+#: weights stored in fp16 and cast to float32 on load; written only for such bundles, so fp32 bundles
+#: stay readable by older code).
+WEIGHTS_DTYPES = ("float32", "float16")
 META_FILE = "cardiac_copilot.json"
 #: Bundle file formats: name -> file suffix (onnx: see model/onnx_bundle.py; needs the `onnx` extra).
 FORMATS = {"torchscript": ".pt", "export": ".pt2", "onnx": ".onnx"}
@@ -115,7 +119,7 @@ def build_metadata(model: nn.Module, input_size: tuple[int, int], *,
                                or PLANE_NAMES[: int(getattr(model, "n_planes", len(PLANE_NAMES)))])]
     meta: dict[str, Any] = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,
         "planes": list(planes),
         "plane_indices": {name: i for i, name in enumerate(planes)},
         "input_size": [h, w],
@@ -158,6 +162,9 @@ def validate_metadata(meta: Any, path: Path | str) -> dict[str, Any]:
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise BundleError(f"{path}: bundle format version {version!r} is not supported by this code "
                           f"(supports 1..{FORMAT_VERSION}); update cardiac_copilot_ros or re-export")
+    dtype = meta.get("weights_dtype", "float32")
+    if dtype not in WEIGHTS_DTYPES:
+        raise BundleError(f"{path}: bad weights_dtype {dtype!r} in bundle metadata (one of {', '.join(WEIGHTS_DTYPES)})")
     planes = meta["planes"]
     # any list of distinct view names (the model's plane query indexes it); they need not be
     # views known to this code (user views travel with the bundle)
@@ -231,10 +238,14 @@ class ExportWrapper(nn.Module):
         return torch.cond(refine, _refined, _plain, (image, plane))
 
 
-def save_bundle(model: nn.Module, path: str | Path, meta: dict[str, Any], fmt: str | None = None) -> Path:
+def save_bundle(model: nn.Module, path: str | Path, meta: dict[str, Any], fmt: str | None = None,
+                weights_dtype: str = "float32") -> Path:
     """Write ``model`` (a GuidanceModel, in eval mode on CPU) as a bundle file; returns the path.
 
     ``fmt`` is 'torchscript' or 'export'; by default it follows the suffix (.pt2 -> export).
+    ``weights_dtype`` ``float16`` (TorchScript only) stores the weights in half precision (half the
+    file; :func:`load_bundle` casts them back to float32, so inference runs in float32 on weights
+    rounded to fp16: about 1e-3 relative).
     """
     path = Path(path)
     if fmt is None:
@@ -246,6 +257,12 @@ def save_bundle(model: nn.Module, path: str | Path, meta: dict[str, Any], fmt: s
 
         export_onnx(model, meta, path)
         return path
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ValueError(f"weights_dtype must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
+    if weights_dtype == "float16":
+        if fmt != "torchscript":
+            raise ValueError("float16 weights are supported for TorchScript bundles (.pt) only")
+        meta = {**meta, "weights_dtype": "float16", "format_version": 2}
     validate_metadata(meta, path)
     if fmt == "export" and meta.get("has_uncertainty"):
         meta = {**meta, "has_uncertainty": False}  # the .pt2 graph holds forward only
@@ -257,6 +274,8 @@ def save_bundle(model: nn.Module, path: str | Path, meta: dict[str, Any], fmt: s
     with quiet_torch_deprecations(), torch.no_grad():
         if fmt == "torchscript":
             scripted = torch.jit.script(model)
+            if weights_dtype == "float16":
+                scripted.half()   # parameters and floating buffers; the code is dtype-agnostic
             torch.jit.save(scripted, str(tmp), _extra_files=extra)
         else:
             batch = torch.export.Dim("batch", min=1, max=4096)
@@ -374,6 +393,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", *, sha256:
     except Exception as exc:  # torch raises RuntimeError, ValueError, KeyError, ... on bad archives
         raise BundleError(f"{path}: corrupt or incompatible {fmt} model bundle ({type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if meta.get("weights_dtype") == "float16":
+        module.float()   # stored in half precision, run in float32
     module.eval()
     return Bundle(module=module, meta=meta, path=path, fmt=fmt, device=dev)
 
