@@ -164,7 +164,8 @@ def validate_metadata(meta: Any, path: Path | str) -> dict[str, Any]:
                           f"(supports 1..{FORMAT_VERSION}); update cardiac_copilot_ros or re-export")
     dtype = meta.get("weights_dtype", "float32")
     if dtype not in WEIGHTS_DTYPES:
-        raise BundleError(f"{path}: bad weights_dtype {dtype!r} in bundle metadata (one of {', '.join(WEIGHTS_DTYPES)})")
+        raise BundleError(f"{path}: bad weights_dtype {dtype!r} in bundle metadata "
+                          f"(one of {', '.join(WEIGHTS_DTYPES)})")
     planes = meta["planes"]
     # any list of distinct view names (the model's plane query indexes it); they need not be
     # views known to this code (user views travel with the bundle)
