@@ -12,7 +12,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE ?= LOCALHOST
 export ROS_DOMAIN_ID ?= $(shell $(PYTHON) -c 'import os; print(1 + os.getpid() % 100)')
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup test lint pytest test-slow demo bench clean
+.PHONY: setup test lint pytest test-slow demo bench clean models
 
 # ONNX Runtime versions of the shipped bundles (engine auto measures both and keeps the faster: on CPUs
 # ONNX Runtime, 1.6x for the default; docs/BENCHMARK.md). Generated, not in git; a failed conversion only
@@ -47,6 +47,20 @@ test-slow: setup
 
 demo: setup
 	$(VENV)/bin/cardiac-copilot demo
+
+# The shipped models (models/default.md): the coarse stage (preset approach) and the fine stage (preset
+# fine), trained side by side with `make -j2 models` (about an hour on 2 cores), exported with fp16
+# weights. After an interruption the same command resumes each run from its last checkpoint.
+TRAIN := $(VENV)/bin/cardiac-copilot train --model baseline --threads 1 --out-dir runs
+runs/default_%/.done: | setup
+	$(TRAIN) --preset $(if $(filter coarse,$*),approach,fine) --run-name default_$* \
+		$(if $(wildcard runs/default_$*/checkpoints/*.pt),--resume runs/default_$*)
+	touch $@
+
+models: runs/default_coarse/.done runs/default_fine/.done
+	$(VENV)/bin/cardiac-copilot export runs/default_coarse --out models/default.pt --fp16
+	$(VENV)/bin/cardiac-copilot export runs/default_fine --out models/fine.pt --fp16
+	$(MAKE) setup
 
 clean:
 	rm -rf build install log .pytest_cache

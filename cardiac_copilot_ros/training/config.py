@@ -6,8 +6,9 @@ Presets (``--preset``):
   cosine annealing, batch 64 per process, AMP (bf16 where supported).
 * ``cpu``: learns something useful in about an hour on 2 CPU cores: ResNet-18, 64 px,
   batch 32, lr 3e-4, 2000 steps.
-* ``approach``: the default model (issue 12): ResNet-10, 64 px, frames rendered on the fly over the
-  closed loop's whole start range on 400 subjects, uncertainty head, 2000 steps (about an hour on 2 cores).
+* ``approach``: the default model (issue 12; the coarse stage): ResNet-10, 64 px, frames rendered on the
+  fly over the closed loop's whole start range on 400 subjects, uncertainty head, 6000 steps (about 40 min
+  on 2 idle cores with ``--model baseline``; ``make -j2 models`` trains it beside the fine stage).
 * ``fine``: the fine stage of coarse-to-fine: as ``approach`` but only within +-15 mm / +-15 deg of
   the target (``--sim-max-offset-mm/-deg``), for the runtime's final approach (``fine_model_path``).
 * ``smoke``: seconds, for tests: ResNet-18, 32 px, batch 8, a few steps, no workers.
@@ -150,8 +151,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(backbone="resnet18", input_size=64, epochs=1000, max_steps=2000, batch_size=32, lr=3e-4,
                 min_lr=1e-5, workers=1, prefetch=4, val_every=200, val_max_frames=600,
                 checkpoint_every=200, log_every=10, dreamer_dim=128, dreamer_depth=2, dreamer_heads=4),
-    # the default since issue 12: ResNet-10 at 80 px on frames rendered over the whole start range
-    "approach": dict(backbone="resnet10", input_size=64, epochs=1000, max_steps=2000, batch_size=32, lr=5e-4,
+    # the default (coarse stage) since issue 12: ResNet-10 at 64 px on frames rendered over the whole start range
+    "approach": dict(backbone="resnet10", input_size=64, epochs=1000, max_steps=6000, batch_size=32, lr=5e-4,
                      min_lr=1e-5, workers=1, prefetch=6, val_every=250, checkpoint_every=250, log_every=20,
                      dreamer_dim=128, dreamer_depth=2, dreamer_heads=4, uncertainty=True, sim_subjects=400,
                      augment=True, sim_render_sizes="128"),
