@@ -32,6 +32,7 @@ those warnings around its own calls so none reaches users.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import json
@@ -274,7 +275,8 @@ def save_bundle(model: nn.Module, path: str | Path, meta: dict[str, Any], fmt: s
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # torch.export wants the .pt2 suffix
     with quiet_torch_deprecations(), torch.no_grad():
         if fmt == "torchscript":
-            scripted = torch.jit.script(model)
+            # fp16: script a copy (scripting shares the parameters; .half() must not touch the caller's model)
+            scripted = torch.jit.script(copy.deepcopy(model) if weights_dtype == "float16" else model)
             if weights_dtype == "float16":
                 scripted.half()   # parameters and floating buffers; the code is dtype-agnostic
             torch.jit.save(scripted, str(tmp), _extra_files=extra)
