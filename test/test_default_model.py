@@ -26,7 +26,8 @@ def default_runtime() -> GuidanceRuntime:
 def test_default_bundle_metadata():
     bundle = load_bundle(default_model_path())
     assert tuple(bundle.planes) == PLANE_NAMES
-    assert bundle.has_dreamer and bundle.has_uncertainty
+    assert bundle.has_uncertainty and not bundle.has_dreamer    # the Dreamer did not earn its place (models/default.md)
+    assert bundle.meta["weights_dtype"] == "float16"
     assert tuple(bundle.input_size) == (64, 64)
     assert "sim9001" not in bundle.meta["training"]["sim_subjects"]["train"]
     assert bundle.meta["euler_axes"] == "sxyz"
@@ -49,3 +50,25 @@ def test_default_bundle_guides_on_a_held_out_simulator_frame(default_runtime: Gu
         _, before_deg = pose_error(probe, target)
         _, after_deg = pose_error(probe @ action_to_matrix(pred.action), target)
         assert after_deg < before_deg, (truth, pred.action)
+
+
+def test_fine_bundle_is_paired_with_the_default_and_guides_near_the_target():
+    """models/fine.pt (coarse-to-fine's fine stage, preset fine) beside the default: same views and input,
+    trained on training subjects only, and near the target its guidance brings the probe closer."""
+    from cardiac_copilot_ros.nodes.guidance_node import DEFAULT_FINE_MODEL_NAME
+
+    path = default_model_path().with_name(DEFAULT_FINE_MODEL_NAME)
+    fine = load_bundle(path)
+    coarse = load_bundle(default_model_path())
+    assert fine.planes == coarse.planes and fine.input_size == coarse.input_size and fine.has_uncertainty
+    assert fine.meta["training"]["preset"] == "fine"
+    assert "sim9001" not in fine.meta["training"]["sim_subjects"]["train"]
+    runtime = GuidanceRuntime(path, device="cpu", num_threads=1)
+    subject = make_subject(HELD_OUT_SEED)
+    renderer = Renderer(subject, size=224)
+    target = subject.target_pose("PLAX")
+    probe = target @ np.linalg.inv(action_to_matrix(np.array([8.0, -6.0, 1.0, 5.0, -6.0, 4.0])))
+    pred = runtime.predict(renderer.render(probe), "PLAX")
+    before_mm, before_deg = pose_error(probe, target)
+    after_mm, after_deg = pose_error(probe @ action_to_matrix(pred.action), target)
+    assert after_mm < before_mm and after_deg < before_deg, (relative_action(probe, target), pred.action)
