@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .nodes.conversions import image_msg_to_gray, stamp_to_ns, twist_msg_to_action
-    from .runtime import default_model_path
+    from .runtime import default_fine_model_path, default_model_path
     from .sim.phantom import make_subject
     from .sim.scan import scan_seed, write_scan
 
@@ -230,8 +230,11 @@ def run(args: argparse.Namespace) -> int:
     sim = _spawn("cardiac_copilot_ros.nodes.scanner_sim_node",
                  ["-p", f"replay_bag:={bag}", "-p", "replay_loop:=true", "-p", f"target_plane:={plane}",
                   "-r", "image:=/us/image", "-r", "probe_pose:=/probe_pose"], out / "scanner_sim_node.log")
+    # the default model comes with its fine stage (coarse to fine); a bundle of the user's own runs alone
+    fine = default_fine_model_path() if args.bundle is None else None
     guidance = _spawn("cardiac_copilot_ros.nodes.guidance_node",
                       ["-p", f"model_path:={bundle.resolve()}", "-p", f"target_plane:={plane}",
+                       "-p", f"fine_model_path:={fine.resolve() if fine else 'none'}",
                        "-p", f"use_dreamer:={'false' if args.no_dreamer else 'true'}",
                        "-p", "publish_tf:=false",
                        "-r", "image:=/us/image", "-r", "probe_pose:=/probe_pose"], out / "guidance_node.log")

@@ -31,6 +31,8 @@ from .planes import match_view, parse_plane
 PACKAGE = "cardiac_copilot_ros"
 #: File name of the default bundle in the package's ``models/`` directory.
 DEFAULT_MODEL_NAME = "default.pt"
+#: File name of the default fine-stage bundle (coarse to fine) beside the default model.
+DEFAULT_FINE_MODEL_NAME = "fine.pt"
 
 #: How to get a model file, for error messages.
 MODEL_HINT = ("make one with `cardiac-copilot train ...` then `cardiac-copilot export RUN --out FILE.pt` "
@@ -70,6 +72,12 @@ def default_model_path() -> Path:
         if path.is_file():
             return path
     return candidates[0]
+
+
+def default_fine_model_path() -> Path | None:
+    """The default fine-stage bundle (``fine.pt`` beside :func:`default_model_path`), or None when absent."""
+    path = default_model_path().with_name(DEFAULT_FINE_MODEL_NAME)
+    return path if path.is_file() else None
 
 
 def resolve_device(device: str = "auto") -> str:

@@ -55,9 +55,10 @@ def test_default_bundle_guides_on_a_held_out_simulator_frame(default_runtime: Gu
 def test_fine_bundle_is_paired_with_the_default_and_guides_near_the_target():
     """models/fine.pt (coarse-to-fine's fine stage, preset fine) beside the default: same views and input,
     trained on training subjects only, and near the target its guidance brings the probe closer."""
-    from cardiac_copilot_ros.nodes.guidance_node import DEFAULT_FINE_MODEL_NAME
+    from cardiac_copilot_ros.runtime import default_fine_model_path
 
-    path = default_model_path().with_name(DEFAULT_FINE_MODEL_NAME)
+    path = default_fine_model_path()
+    assert path is not None and path.name == "fine.pt"
     fine = load_bundle(path)
     coarse = load_bundle(default_model_path())
     assert fine.planes == coarse.planes and fine.input_size == coarse.input_size and fine.has_uncertainty

@@ -55,6 +55,7 @@ from ..runtime import (
     InferenceError,
     LatestFrameWorker,
     crop,
+    default_fine_model_path,
     default_model_path,
     default_num_threads,
     normalize_roi,
@@ -77,8 +78,6 @@ FUSION_PARAMS = {"fusion_time_constant_s": "time_constant_s", "fusion_window_s":
 #: node parameter -> StageConfig field (coarse-to-fine hand-over; changeable at run time).
 STAGE_PARAMS = {"fine_enter_mm": "enter_mm", "fine_enter_deg": "enter_deg", "fine_exit_mm": "exit_mm",
                 "fine_exit_deg": "exit_deg"}
-#: File name of the default fine-stage bundle beside the default model.
-DEFAULT_FINE_MODEL_NAME = "fine.pt"
 THROTTLE_S = 2.0
 #: Probe poses kept for lookups at image stamps.
 POSE_BUFFER = 200
@@ -504,8 +503,7 @@ class GuidanceNode(Node):
             return Path(raw).expanduser()
         if str(self.get_parameter("model_path").value).strip():
             return None  # a model of the user's own: no default fine stage paired with it
-        path = default_model_path().with_name(DEFAULT_FINE_MODEL_NAME)
-        return path if path.is_file() else None
+        return default_fine_model_path()
 
     def _load_fine_runtime(self) -> GuidanceRuntime | None:
         """The fine stage of coarse-to-fine (docs/ARCHITECTURE.md), or None."""
