@@ -4,6 +4,7 @@
     ros2 launch cardiac_copilot_ros copilot.launch.py use_sim:=true            # no hardware
     ros2 launch cardiac_copilot_ros copilot.launch.py servo:=true image_topic:=/probe/image
     ros2 launch cardiac_copilot_ros copilot.launch.py pose_source:=tf   # probe pose from TF
+    ros2 launch cardiac_copilot_ros copilot.launch.py model:=mine.pt fine_model:=mine_fine.pt
 
 Only the documented launch / launch_ros API is used, so the file works on Humble and Jazzy.
 """
@@ -28,6 +29,9 @@ def generate_launch_description() -> LaunchDescription:
     args = [
         DeclareLaunchArgument("model", default_value="",
                               description="model bundle (.pt/.pt2); empty = the package's models/default.pt"),
+        DeclareLaunchArgument("fine_model", default_value="",
+                              description="fine stage of coarse to fine (.pt/.onnx); empty = models/fine.pt with the "
+                                          "default model; none = off"),
         DeclareLaunchArgument("target_plane", default_value="PLAX",
                               description="a view of the model (default model: PLAX, PSAX-AV, PSAX-MV; sim: +A4C)"),
         DeclareLaunchArgument("use_dreamer", default_value="true",
@@ -50,6 +54,7 @@ def generate_launch_description() -> LaunchDescription:
         package=PACKAGE, executable="guidance_node", name="guidance_node", output="screen",
         parameters=[PathJoinSubstitution([config_dir, "guidance.yaml"]),
                     {"model_path": model,
+                     "fine_model_path": ParameterValue(LaunchConfiguration("fine_model"), value_type=str),
                      "target_plane": LaunchConfiguration("target_plane"),
                      "use_dreamer": LaunchConfiguration("use_dreamer"),
                      "pose_source": ParameterValue(LaunchConfiguration("pose_source"), value_type=str)}],

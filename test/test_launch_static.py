@@ -78,6 +78,11 @@ def test_launch_argument_reaches_the_node(name: str, executable: str, arg: str):
     assert re.search(rf'["\']{arg}["\']', node), f"{executable} has no parameter {arg}"
 
 
+def test_fine_model_argument_reaches_guidance_node():
+    declared, used, params = _launch_args_and_node_params("copilot.launch.py")
+    assert "fine_model" in declared and "fine_model" in used and "fine_model_path" in params["guidance_node"]
+
+
 def test_rviz_config_shows_guidance_without_clicks():
     cfg = yaml.safe_load((REPO / "config" / "copilot.rviz").read_text())
     manager = cfg["Visualization Manager"]
