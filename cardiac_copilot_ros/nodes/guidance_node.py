@@ -6,6 +6,11 @@ Subscribes ``image`` (sensor_msgs/Image) and/or ``image/compressed`` and the pro
 when a fresh probe pose is known), ``guidance_markers`` (MarkerArray in probe_frame) and
 ``/diagnostics``. Parameters: see ``config/guidance.yaml``.
 
+Coarse to fine (fused mode, with a fine model: ``fine_model_path``, by default ``models/fine.pt``
+beside the default model): the coarse model guides until its fused target is within
+``fine_enter_mm`` / ``fine_enter_deg`` of the probe, then the fine model guides with a fused
+target of its own (:mod:`cardiac_copilot_ros.coarse_to_fine`); one model runs per frame.
+
 Threads: subscription callbacks only hand the message to a :class:`LatestFrameWorker`
 (conversion, inference and publishing run on its thread; the newest frame wins, older pending
 frames are dropped and counted). The executor thread is therefore never blocked by inference,
