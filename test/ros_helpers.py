@@ -34,6 +34,35 @@ def ros_node(name: str = "test_probe") -> Iterator[object]:
         rclpy.shutdown(context=ctx)
 
 
+@contextmanager
+def spinning_node(make_node: Callable[[object], object]) -> Iterator[object]:
+    """``make_node(context)`` in a fresh rclpy context, spun by a single-threaded executor on a thread of
+    its own (as a node process would); executor, node and context are shut down afterwards."""
+    import threading
+
+    from rclpy.context import Context
+    from rclpy.executors import SingleThreadedExecutor
+
+    ctx = Context()
+    rclpy.init(context=ctx)
+    try:
+        node = make_node(ctx)
+    except BaseException:
+        rclpy.shutdown(context=ctx)
+        raise
+    executor = SingleThreadedExecutor(context=ctx)
+    executor.add_node(node)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    try:
+        yield node
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.shutdown(context=ctx)
+        thread.join(5.0)
+
+
 def spin_until(node, predicate: Callable[[], bool], timeout_s: float = 10.0,
                executor=None) -> bool:
     """Spin ``node`` until ``predicate()`` is true or the timeout passes; returns the predicate."""

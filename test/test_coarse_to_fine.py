@@ -7,7 +7,6 @@ and a :class:`TargetFusion` fed with the same estimates.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -97,37 +96,21 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def node_and_probe(bundles: tuple[Path, Path]):
     pytest.importorskip("rclpy")
-    import rclpy
-    from rclpy.context import Context
-    from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
-    from ros_helpers import ros_node
+    from ros_helpers import ros_node, spinning_node
     from test_guidance_fusion import Probe
 
     from cardiac_copilot_ros.nodes.guidance_node import GuidanceNode
 
-    ctx = Context()
-    rclpy.init(context=ctx)
     params = {"model_path": str(bundles[0]), "fine_model_path": str(bundles[1]), "device": "cpu",
               "num_threads": 1, "max_pose_age_s": 0.5, "diagnostics_period_s": 0.2, "pose_guidance_rate_hz": 0.0,
               "publish_tf": False, "fine_enter_mm": 999.0, "fine_enter_deg": 179.0,
               "fine_exit_mm": 1000.0, "fine_exit_deg": 180.0}
-    node = GuidanceNode(context=ctx, namespace=NS,
-                        parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    try:
-        with ros_node("c2f_test_probe") as pnode:
-            probe = Probe(pnode, NS)
-            probe.wait_connected()
-            yield node, probe
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
-        thread.join(5.0)
+    with spinning_node(lambda ctx: GuidanceNode(context=ctx, namespace=NS, parameter_overrides=[
+            Parameter(k, value=v) for k, v in params.items()])) as node, ros_node("c2f_test_probe") as pnode:
+        probe = Probe(pnode, NS)
+        probe.wait_connected()
+        yield node, probe
 
 
 @pytest.mark.ros

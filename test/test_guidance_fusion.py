@@ -8,22 +8,18 @@ at the same probe poses) must give the same fused target, guidance, covariance a
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ros_helpers import ros_node, spin_until
+from ros_helpers import ros_node, spin_until, spinning_node
 
 torch = pytest.importorskip("torch")
 
-import rclpy  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
 from geometry_msgs.msg import PoseStamped, PoseWithCovarianceStamped, TwistStamped  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
-from rclpy.context import Context  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
@@ -57,23 +53,11 @@ def reference(bundle_path: Path) -> GuidanceRuntime:
 
 @pytest.fixture(scope="module")
 def guidance(bundle_path: Path):
-    ctx = Context()
-    rclpy.init(context=ctx)
     params = {"model_path": str(bundle_path), "device": "cpu", "num_threads": 1, "max_pose_age_s": 0.5,
               "diagnostics_period_s": 0.2, "pose_guidance_rate_hz": 0.0, "publish_tf": False}
-    node = GuidanceNode(context=ctx, namespace=NS,
-                        parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    try:
+    with spinning_node(lambda ctx: GuidanceNode(context=ctx, namespace=NS, parameter_overrides=[
+            Parameter(k, value=v) for k, v in params.items()])) as node:
         yield node
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
-        thread.join(5.0)
 
 
 class Probe:

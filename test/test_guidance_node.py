@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import math
 import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ros_helpers import NodeProcess, ros_node, spin_until
+from ros_helpers import NodeProcess, ros_node, spin_until, spinning_node
 
 torch = pytest.importorskip("torch")
 
@@ -27,7 +26,6 @@ from rcl_interfaces.msg import Parameter as ParameterMsg  # noqa: E402
 from rcl_interfaces.msg import ParameterType, ParameterValue  # noqa: E402
 from rcl_interfaces.srv import SetParameters  # noqa: E402
 from rclpy.context import Context  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
@@ -66,20 +64,9 @@ def _params(bundle_path: Path, **extra: object) -> list[Parameter]:
 
 @pytest.fixture(scope="module")
 def guidance(bundle_path: Path):
-    ctx = Context()
-    rclpy.init(context=ctx)
-    node = GuidanceNode(context=ctx, namespace=NS, parameter_overrides=_params(bundle_path))
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    try:
+    with spinning_node(lambda ctx: GuidanceNode(context=ctx, namespace=NS,
+                                                parameter_overrides=_params(bundle_path))) as node:
         yield node
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
-        thread.join(5.0)
 
 
 class Probe:

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ros_helpers import ros_node, spin_until
+from ros_helpers import ros_node, spin_until, spinning_node
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-import rclpy  # noqa: E402
 from geometry_msgs.msg import TwistStamped  # noqa: E402
-from rclpy.context import Context  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
@@ -45,16 +41,9 @@ def test_guidance_node_on_onnxruntime_answers_a_frame(tmp_path: Path) -> None:
         x = torch.from_numpy(small)[None, None]
         expected = model(x, torch.zeros(1, dtype=torch.int64), True)[0].double().numpy()
 
-    ctx = Context()
-    rclpy.init(context=ctx)
     params = {"model_path": str(path), "engine": "onnxruntime", "device": "cpu", "num_threads": 1}
-    node = GuidanceNode(context=ctx, namespace=NS,
-                        parameter_overrides=[Parameter(k, value=v) for k, v in params.items()])
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    try:
+    with spinning_node(lambda ctx: GuidanceNode(context=ctx, namespace=NS, parameter_overrides=[
+            Parameter(k, value=v) for k, v in params.items()])) as node:
         assert node.runtime.engine == "onnxruntime" and node.runtime.bundle.fmt == "onnx"
         with ros_node("onnx_probe") as probe:
             got: dict[int, TwistStamped] = {}
@@ -73,8 +62,3 @@ def test_guidance_node_on_onnxruntime_answers_a_frame(tmp_path: Path) -> None:
             t = got[stamp].twist
             np.testing.assert_allclose([t.linear.x, t.linear.y, t.linear.z], lin, atol=1e-6)
             np.testing.assert_allclose([t.angular.x, t.angular.y, t.angular.z], ang, atol=2e-5)
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
-        thread.join(5.0)

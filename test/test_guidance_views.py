@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from ros_helpers import ros_node, spin_until
+from ros_helpers import ros_node, spin_until, spinning_node
 
 torch = pytest.importorskip("torch")
 
 import rclpy  # noqa: E402
 from geometry_msgs.msg import PoseStamped  # noqa: E402
 from rclpy.context import Context  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image  # noqa: E402
@@ -92,19 +90,12 @@ def test_probe_calibration_turns_tool_poses_into_image_poses(views_bundle, tmp_p
     (tmp_path / "probe.yaml").write_text(CALIB)
     X = load_calibration(tmp_path / "probe.yaml").matrix_mm()
     ns = "/gviews"
-    ctx = Context()
-    rclpy.init(context=ctx)
-    node = GuidanceNode(context=ctx, namespace=ns, parameter_overrides=_params(
-        views_bundle, target_plane="A4C", probe_calibration=str(tmp_path / "probe.yaml"), publish_tf=False,
-        max_pose_age_s=0.5))
-    executor = SingleThreadedExecutor(context=ctx)
-    executor.add_node(node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
     reference = GuidanceRuntime(views_bundle, device="cpu", warmup=0)
     frame = np.random.default_rng(3).integers(0, 256, (40, 48), dtype=np.uint8)
     T_tool = pose_alg.action_to_matrix(np.array([400.0, 20.0, 300.0, 170.0, 10.0, -30.0]))
-    try:
+    params = _params(views_bundle, target_plane="A4C", probe_calibration=str(tmp_path / "probe.yaml"),
+                     publish_tf=False, max_pose_age_s=0.5)
+    with spinning_node(lambda ctx: GuidanceNode(context=ctx, namespace=ns, parameter_overrides=params)):
         with ros_node("gviews_probe") as probe:
             targets: dict[int, PoseStamped] = {}
             pub_img = probe.create_publisher(Image, f"{ns}/image", qos_profile_sensor_data)
@@ -128,11 +119,6 @@ def test_probe_calibration_turns_tool_poses_into_image_poses(views_bundle, tmp_p
         np.testing.assert_allclose(T_target, expected, atol=1e-3)
         without = pose_alg.apply_action(T_tool, reference.predict(frame, "A4C").action)
         assert np.abs(T_target[:3, 3] - without[:3, 3]).max() > 10.0   # the calibration matters
-    finally:
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.shutdown(context=ctx)
-        thread.join(5.0)
 
 
 def test_bad_probe_calibration_fails_at_startup(views_bundle, tmp_path, ctx):
