@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 
-from cardiac_copilot_ros.model.bundle import FORMATS, BundleError, build_metadata, load_bundle, save_bundle
+from cardiac_copilot_ros.model.bundle import (
+    FORMATS,
+    Bundle,
+    BundleError,
+    build_metadata,
+    load_bundle,
+    save_bundle,
+)
 
 #: Export check tolerance, paper units (mm, deg).
 TOLERANCE = 1e-4
@@ -43,19 +50,21 @@ def export_checkpoint(source: str | Path, out: str | Path, fmt: str | None = Non
                                                 "code_version": state.get("code_version"),
                                                 "sim_subjects": state.get("sim_subjects") or {}}})
     path = save_bundle(model, out, meta, fmt, weights_dtype="float16" if fp16 else "float32")
-    result: dict[str, Any] = {"path": str(path), "format": fmt, "meta": load_bundle(path, allow_torch_export=True).meta,
-                              "max_abs_diff": None}
+    bundle = load_bundle(path, allow_torch_export=True)  # the file this process just wrote, read back once
+    result: dict[str, Any] = {"path": str(path), "format": fmt, "meta": bundle.meta, "max_abs_diff": None}
     if check:
         if fp16:
-            result["fp16_rounding"] = max(check_bundle(reference, path).values())
+            result["fp16_rounding"] = max(check_bundle(reference, bundle).values())
             reference = copy.deepcopy(model).half().float()   # the saved (folded) weights, rounded as in the file
-        result["max_abs_diff"] = check_bundle(reference, path)
+        result["max_abs_diff"] = check_bundle(reference, bundle)
     return result
 
 
-def check_bundle(model: torch.nn.Module, path: str | Path, batch: int = 3, seed: int = 0) -> dict[str, float]:
-    """Max abs difference (mm/deg) between a saved bundle and the eager model, per mode."""
-    bundle = load_bundle(path, allow_torch_export=True)  # the file this process just wrote
+def check_bundle(model: torch.nn.Module, bundle: Bundle | str | Path, batch: int = 3, seed: int = 0
+                 ) -> dict[str, float]:
+    """Max abs difference (mm/deg) between a saved bundle (loaded, or its path) and the eager model, per mode."""
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle, allow_torch_export=True)  # the file this process just wrote
     h, w = bundle.input_size
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 1, h, w, generator=gen)
