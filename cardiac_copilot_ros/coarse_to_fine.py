@@ -21,12 +21,11 @@ No rclpy here: the guidance node holds one selector per target.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from .target_fusion import FusedTarget, pose_residual
+from .target_fusion import FusedTarget, check_positive_fields, pose_residual, updated_config
 
 STAGES = ("coarse", "fine")
 
@@ -41,19 +40,15 @@ class StageConfig:
     exit_deg: float = 25.0    # ... or farther than this [deg]
 
     def validate(self) -> StageConfig:
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{f.name} must be a finite number > 0, got {v!r}")
+        """Raise ValueError naming the first bad field; return self."""
+        check_positive_fields(self)
         if self.exit_mm < self.enter_mm or self.exit_deg < self.enter_deg:
             raise ValueError("exit thresholds must be at least the enter thresholds (hysteresis)")
         return self
 
     def updated(self, **changes: float) -> StageConfig:
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ValueError(f"unknown stage parameters: {sorted(unknown)}")
-        return replace(self, **changes).validate()
+        """A validated copy with ``changes`` applied (ValueError if invalid)."""
+        return updated_config(self, "stage", changes)
 
 
 @dataclass

@@ -38,10 +38,13 @@ from __future__ import annotations
 import math
 from collections import deque
 from dataclasses import dataclass, fields, replace
+from typing import TypeVar
 
 import numpy as np
 
 from .pose import rotation_to_rotvec, rotvec_to_rotation
+
+C = TypeVar("C")
 
 
 @dataclass(frozen=True)
@@ -65,10 +68,7 @@ class FusionConfig:
 
     def validate(self) -> FusionConfig:
         """Raise ValueError naming the first bad field; return self."""
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
-                raise ValueError(f"{f.name} must be a finite number > 0, got {v!r}")
+        check_positive_fields(self)
         for name in ("max_estimates", "min_estimates", "reset_after_outliers", "irls_iterations"):
             if int(getattr(self, name)) != getattr(self, name):
                 raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
@@ -78,10 +78,24 @@ class FusionConfig:
 
     def updated(self, **changes: object) -> FusionConfig:
         """A validated copy with ``changes`` applied (ValueError if invalid)."""
-        unknown = set(changes) - {f.name for f in fields(self)}
-        if unknown:
-            raise ValueError(f"unknown fusion parameters: {sorted(unknown)}")
-        return replace(self, **changes).validate()
+        return updated_config(self, "fusion", changes)
+
+
+def check_positive_fields(config: object) -> None:
+    """Raise ValueError naming the first field of the dataclass ``config`` that is not a finite number > 0."""
+    for f in fields(config):
+        v = getattr(config, f.name)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{f.name} must be a finite number > 0, got {v!r}")
+
+
+def updated_config(config: C, what: str, changes: dict[str, object]) -> C:
+    """A copy of the frozen dataclass ``config`` with ``changes``, validated (``config.validate()``);
+    ValueError naming unknown ``what`` parameters or the first bad value."""
+    unknown = set(changes) - {f.name for f in fields(config)}
+    if unknown:
+        raise ValueError(f"unknown {what} parameters: {sorted(unknown)}")
+    return replace(config, **changes).validate()
 
 
 @dataclass(frozen=True)
@@ -331,4 +345,5 @@ class TargetFusion:
         return FusedTarget(T, newest, n, n_eff, std_mm, std_deg, cov)
 
 
-__all__ = ["FusedTarget", "FusionConfig", "FusionCounters", "FusionUpdate", "TargetFusion", "pose_residual"]
+__all__ = ["FusedTarget", "FusionConfig", "FusionCounters", "FusionUpdate", "TargetFusion", "check_positive_fields",
+           "pose_residual", "updated_config"]
