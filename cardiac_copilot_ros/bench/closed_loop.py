@@ -627,7 +627,8 @@ class _Graph:
 # ---------------------------------------------------------------------------------------
 
 class _Bench:
-    def __init__(self, args: argparse.Namespace, bundle: Path, has_dreamer: bool, log_dir: Path) -> None:
+    def __init__(self, args: argparse.Namespace, bundle: Path, has_dreamer: bool, log_dir: Path,
+                 fine_bundle: Path | None = None) -> None:
         self.args = args
         self.bundle = bundle
         self.log_dir = log_dir
@@ -635,7 +636,7 @@ class _Bench:
         self.servo_params = {**BENCH_SERVO_PARAMS, **dict(args.servo_params)}
         self.use_dreamer = has_dreamer if args.dreamer is None else bool(args.dreamer) and has_dreamer
         self.modes = [m for m in args.modes if m != "oracle" or args.oracle]
-        self.fine_bundle: Path | None = None  # fine stage of coarse-to-fine (guidance_node fine_model_path)
+        self.fine_bundle = fine_bundle  # fine stage of coarse-to-fine (guidance_node fine_model_path)
         self.children: dict[str, _Child] = {}
         self.graph: _Graph | None = None
         self._guidance_cfg: tuple[str, str] | None = None
@@ -826,7 +827,9 @@ def fine_bundle_for(arg: str | None, default_bundle: bool, bundle: Path) -> Path
     if arg is not None:
         return None if arg.strip().lower() in ("", "none") else Path(arg).expanduser()
     if default_bundle:
-        path = bundle.with_name("fine.pt")
+        from ..runtime import DEFAULT_FINE_MODEL_NAME
+
+        path = bundle.with_name(DEFAULT_FINE_MODEL_NAME)
         return path if path.is_file() else None
     return None
 
@@ -877,8 +880,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         log_dir = args.log_dir
         log_dir.mkdir(parents=True, exist_ok=True)
-    bench = _Bench(args, bundle, has_dreamer, log_dir)
-    bench.fine_bundle = fine_bundle
+    bench = _Bench(args, bundle, has_dreamer, log_dir, fine_bundle)
     plan = []  # (subject seed, plane, offset): every mode runs from the same starts
     for seed in seeds:
         for plane in args.planes:  # the start depends on (seed, subject, plane) only, not on --planes
