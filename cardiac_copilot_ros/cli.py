@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dataset": ("cardiac_copilot_ros.data.cli", "build a training cache from bags"),
     "import": ("cardiac_copilot_ros.data.importer", "turn folders of frames + poses into bags"),
     "train": ("cardiac_copilot_ros.training.cli", "train the baseline policy or Cardiac Dreamer"),
+    "dagger": ("cardiac_copilot_ros.training.dagger", "DAgger: roll out, label visited states, retrain, validate"),
     "evaluate": ("cardiac_copilot_ros.evaluation", "evaluate runs or bundles (paper Table 1, Fig. 3)"),
     "export": ("cardiac_copilot_ros.model.export", "export a run as a TorchScript / torch.export bundle"),
     "demo": ("cardiac_copilot_ros.demo", "run the bedside pipeline on the built-in simulator"),

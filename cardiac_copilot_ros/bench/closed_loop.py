@@ -49,6 +49,7 @@ import numpy as np
 
 from ..planes import PLANE_NAMES, order_views, parse_plane
 from ..processes import stop_process
+from ..rollout import wilson_interval
 from ..sim.phantom import sim_view
 
 NAMESPACE = "/closed_loop_bench"
@@ -120,17 +121,6 @@ class Episode:
         return (f"{self.mode:8s} {self.plane:8s} seed {self.subject_seed}: {self.end:10s} "
                 f"{self.translation_mm:6.1f} mm {self.rotation_deg:5.1f} deg in {self.duration_s:4.1f} s"
                 f"{' OK' if self.success else ''}{' FALSE REACHED' if self.false_reached else ''}")
-
-
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
-    """95 % Wilson score interval of a success rate (None for n = 0)."""
-    if n <= 0:
-        return None
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def parse_seeds(text: str) -> list[int]:

@@ -15,7 +15,10 @@ Poses: ``T = T_target @ U(o)`` with the offset ``o`` (mm, deg) from a mixture (:
   where the last centimetre is decided);
 * ``expert``: a random moment of a scripted expert demonstration
   (:func:`cardiac_copilot_ros.sim.expert.demonstration`): overshoots, sweeps, pauses, hold;
-* ``cache``: a frame of an existing training cache's train split (only when a cache is given).
+* ``cache``: a frame of an existing training cache's train split (only when a cache is given);
+* ``dagger``: a state the models visited in the closed loop (:class:`VisitedStates`, written by
+  ``cardiac-copilot dagger`` from :mod:`cardiac_copilot_ros.rollout` episodes on training subjects),
+  rendered and labelled here like every other pose (only when states are given).
 
 Subjects are simulator seeds. :data:`SPLIT_SEEDS` fixes disjoint seed ranges per split (train
 from 20000, val from 8000, test from 9000: the closed-loop bench's held-out subjects); every
@@ -48,14 +51,14 @@ from ..pose import action_to_matrix, relative_action
 from .build import DatasetError
 
 __all__ = ["APPROACH_MIX", "MIX", "SPLIT_SEEDS", "ApproachSet", "SimFrameDataset", "SimPairDataset",
-           "SubjectOverlapError", "approach_label_mean",
+           "SubjectOverlapError", "VisitedStates", "approach_label_mean",
            "check_disjoint", "label", "make_approach_set", "sample_offset", "split_seeds", "subject_ids"]
 
 #: First subject seed of each split. Train seeds never reach 8000 + anything held out: see
 #: :func:`split_seeds` (at most 100000 train subjects).
 SPLIT_SEEDS = {"train": 20000, "val": 8000, "test": 9000}
 #: Default mixture of pose sources (fractions; ``cache`` only when a cache is given).
-MIX = {"uniform": 0.4, "near": 0.35, "expert": 0.25, "cache": 0.0}
+MIX = {"uniform": 0.4, "near": 0.35, "expert": 0.25, "cache": 0.0, "dagger": 0.0}
 #: Near-target shrink factor range (log-uniform) of the ``near`` source.
 NEAR_SCALE = (0.02, 0.35)
 
@@ -110,6 +113,53 @@ def label(pose: np.ndarray, target: np.ndarray) -> np.ndarray:
     return relative_action(pose, target)
 
 
+class VisitedStates:
+    """Probe poses visited in closed-loop episodes, as offsets from the true target of their subject
+    and plane (pose = target @ U(offset), mm / deg): the ``dagger`` source of :class:`SimFrameDataset`.
+
+    Stored as ``.npz`` with arrays ``seed`` (N,) int, ``plane`` (N,) str, ``offset`` (N, 6) float
+    (and optionally ``stage`` (N,) str): plain arrays, read with ``allow_pickle=False``.
+    """
+
+    def __init__(self, seed: np.ndarray, plane: np.ndarray, offset: np.ndarray) -> None:
+        self.seed = np.asarray(seed, np.int64).reshape(-1)
+        self.plane = np.asarray(plane).astype(str).reshape(-1)
+        self.offset = np.asarray(offset, np.float64).reshape(-1, 6)
+        if not (len(self.seed) == len(self.plane) == len(self.offset)):
+            raise ValueError("visited states: seed, plane and offset must have the same length")
+        if not np.all(np.isfinite(self.offset)):
+            raise ValueError("visited states: non-finite offsets")
+        unknown = sorted(set(self.plane) - set(PLANE_NAMES))
+        if unknown:
+            raise ValueError(f"visited states: unknown planes {unknown}; the models know {', '.join(PLANE_NAMES)}")
+
+    def __len__(self) -> int:
+        return len(self.seed)
+
+    @classmethod
+    def load(cls, paths: str | Sequence[str]) -> VisitedStates:
+        """Read and concatenate ``.npz`` files (a comma-separated string or a list); errors name the file."""
+        if isinstance(paths, str):
+            paths = [p.strip() for p in paths.split(",") if p.strip()]
+        parts = []
+        for path in paths:
+            try:
+                z = np.load(path, allow_pickle=False)
+                if not isinstance(z, np.lib.npyio.NpzFile):
+                    raise ValueError("a single array, not an .npz archive of seed, plane, offset")
+                with z:
+                    parts.append(cls(z["seed"], z["plane"], z["offset"]))
+            except (OSError, KeyError, ValueError, EOFError) as exc:
+                raise DatasetError(f"{path}: not a visited-states file ({type(exc).__name__}: {exc})") from exc
+        if not parts:
+            raise DatasetError("no visited-states files given")
+        return cls(np.concatenate([p.seed for p in parts]), np.concatenate([p.plane for p in parts]),
+                   np.concatenate([p.offset for p in parts]))
+
+    def save(self, path: str, **extra: np.ndarray) -> None:
+        np.savez_compressed(path, seed=self.seed, plane=self.plane, offset=self.offset, **extra)
+
+
 class _Renderers:
     """A small per-process LRU cache of simulator renderers keyed by (seed, size)."""
 
@@ -145,6 +195,8 @@ class SimFrameDataset(Dataset):
         mix: pose-source fractions (:data:`MIX` keys).
         held_out: ``{name: seeds}`` that must not share a subject with ``seeds``.
         cache: an optional :class:`.dataset.FrameDataset` (its train split) for the ``cache`` source.
+        states: optional :class:`VisitedStates` for the ``dagger`` source (their subjects must be
+            training subjects: disjoint from ``held_out``).
     """
 
     sequential = True  #: use a sequential sampler (the dataset draws its own randomness)
@@ -154,7 +206,7 @@ class SimFrameDataset(Dataset):
                  planes: Sequence[int] | None = None, seed: int = 0, max_offset_mm: float = 40.0,
                  max_offset_deg: float = 40.0, held_out: dict[str, Iterable[int]] | None = None,
                  cache: Dataset | None = None, pool: int = 8, chunk: int = 2048, renderer_cache: int = 12,
-                 transform: Any = None, jitter: bool = False) -> None:
+                 transform: Any = None, jitter: bool = False, states: VisitedStates | None = None) -> None:
         self.seeds = [int(s) for s in seeds]
         if not self.seeds:
             raise ValueError("no subject seeds")
@@ -165,12 +217,16 @@ class SimFrameDataset(Dataset):
             cache_subjects = getattr(cache, "subject_seeds", None)
             if cache_subjects is not None:
                 check_disjoint(cache_subjects, **{k: list(v) for k, v in (held_out or {}).items()})
+        if states is not None and len(states):
+            check_disjoint(set(states.seed.tolist()), **{k: list(v) for k, v in (held_out or {}).items()})
         mix = dict(MIX if mix is None else mix)
         unknown = set(mix) - set(MIX)
         if unknown:
             raise ValueError(f"unknown pose sources {sorted(unknown)}; choose from {', '.join(MIX)}")
         if cache is None:
             mix["cache"] = 0.0
+        if states is None or not len(states):
+            mix["dagger"] = 0.0
         names = list(MIX)
         w = np.array([max(0.0, float(mix.get(k, 0.0))) for k in names])
         if w.sum() <= 0:
@@ -182,6 +238,12 @@ class SimFrameDataset(Dataset):
         self.seed, self.epoch = int(seed), 0
         self.max_offset_mm, self.max_offset_deg = float(max_offset_mm), float(max_offset_deg)
         self.cache = cache
+        self.states = states
+        self._state_rows: dict[int, np.ndarray] = {}
+        if states is not None and len(states):
+            order = np.argsort(states.seed, kind="stable")
+            uniq, first = np.unique(states.seed[order], return_index=True)
+            self._state_rows = {int(u): rows for u, rows in zip(uniq, np.split(order, first[1:]), strict=True)}
         self.pool, self.chunk = max(1, min(int(pool), len(self.seeds))), max(1, int(chunk))
         self.transform, self.jitter = transform, bool(jitter)
         self._renderers = _Renderers(renderer_cache)
@@ -207,9 +269,21 @@ class SimFrameDataset(Dataset):
                "t_s": float(rng.uniform(0.0, 4.0)), "rng": rng}
         if source == "cache":
             return out
+        if source == "dagger":   # a visited state, preferably of a subject of the current pool
+            rows = self._state_rows.get(subject_seed)
+            if rows is None:
+                in_pool = [self.seeds[int(i)] for i in pool if self.seeds[int(i)] in self._state_rows]
+                subject_seed = (in_pool[int(rng.integers(len(in_pool)))] if in_pool
+                                else int(self.states.seed[int(rng.integers(len(self.states)))]))
+                rows = self._state_rows[subject_seed]
+            row = int(rows[int(rng.integers(len(rows)))])
+            out.update(seed=subject_seed, plane=PLANE_NAMES.index(str(self.states.plane[row])))
         renderer = self._renderers.get(subject_seed, out["render_size"])
+        plane = out["plane"]
         target = renderer.subject.target_pose(PLANE_NAMES[plane])
-        if source == "expert":
+        if source == "dagger":
+            pose = target @ action_to_matrix(self.states.offset[row])
+        elif source == "expert":
             from ..sim.expert import demonstration
 
             demo = demonstration(renderer.subject, PLANE_NAMES[plane], rng, duration_s=float(rng.uniform(10, 50)),

@@ -54,11 +54,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sim-render-sizes", metavar="PX,PX", help="sizes the simulator renders at (e.g. 224)")
     g.add_argument("--sim-mix", metavar="SRC=W,...",
                    help="pose sources: uniform (start range), near (near the target), expert (demonstrations), "
-                        "cache (frames of --data)")
+                        "cache (frames of --data), dagger (visited states of --dagger-states)")
     g.add_argument("--sim-max-offset-mm", type=float, metavar="MM",
                    help="start range of the rendered poses: +-MM in x, y (z: a fifth); the closed loop's is 40")
     g.add_argument("--sim-max-offset-deg", type=float, metavar="DEG",
                    help="start range of the rendered poses: +-DEG per angle; the closed loop's is 40")
+    g.add_argument("--dagger-states", metavar="NPZ,NPZ",
+                   help="visited-states files (cardiac-copilot dagger) for the mix's dagger source")
+    g.add_argument("--init-from", metavar="PATH",
+                   help="checkpoint or run folder whose model weights start this run (fine-tuning; the optimiser, "
+                        "schedule and step start afresh, unlike --resume)")
     g.add_argument("--val-every", type=int, metavar="STEPS", help="0: once per epoch")
     g.add_argument("--val-max-frames", type=int, metavar="N")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS")
@@ -77,7 +82,7 @@ def config_from_args(args: argparse.Namespace):
         "workers", "threads", "seed", "max_gap", "policy_weight", "dreamer_weight", "augment", "val_every",
         "val_max_frames", "checkpoint_every", "log_every", "device", "out_dir", "run_name", "uncertainty",
         "nll_weight", "sim_subjects", "sim_val_subjects", "sim_val_frames_per_plane", "sim_items_per_epoch",
-        "sim_render_sizes", "sim_mix", "sim_max_offset_mm", "sim_max_offset_deg")}
+        "sim_render_sizes", "sim_mix", "sim_max_offset_mm", "sim_max_offset_deg", "dagger_states", "init_from")}
     cfg = make_config(args.preset, data=str(args.data), model=args.model, **over)
     if args.max_steps is not None:
         cfg.max_steps = args.max_steps or None
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         train(cfg, resume=args.resume)
-    except (CacheError, FileNotFoundError) as exc:
+    except (CacheError, FileNotFoundError, ValueError) as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 2
     finally:

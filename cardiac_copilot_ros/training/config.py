@@ -66,6 +66,8 @@ class TrainConfig:
     sim_mix: str = "uniform=0.4,near=0.35,expert=0.25,cache=0.25"  # pose sources (cache only with --data)
     sim_max_offset_mm: float = 40.0     # start range: +-mm in x, y (z: a fifth of it); the closed loop's is 40
     sim_max_offset_deg: float = 40.0    # start range: +-deg per angle; the closed loop's is 40
+    dagger_states: str = ""             # visited-states .npz files (comma-separated) for the mix's dagger source
+    init_from: str = ""                 # checkpoint / run folder whose model weights start this run (fine-tuning)
     # data loading
     workers: int = 4
     threads: int = 0                    # torch CPU threads per process; 0 = auto (cores / processes - workers)
@@ -103,8 +105,10 @@ class TrainConfig:
         if not (0 < self.sim_max_offset_mm <= 100 and 0 < self.sim_max_offset_deg <= 90):
             raise ValueError("sim_max_offset_mm must be in (0, 100] mm and sim_max_offset_deg in (0, 90] deg")
         if self.sim_subjects:
-            parse_mix(self.sim_mix)
+            mix = parse_mix(self.sim_mix)
             parse_sizes(self.sim_render_sizes)
+            if mix.get("dagger", 0) > 0 and not self.dagger_states:
+                raise ValueError("--sim-mix has a dagger weight but no --dagger-states files are given")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -130,7 +134,7 @@ def parse_mix(text: str) -> dict[str, float]:
             raise ValueError(f"--sim-mix: {part!r} is not SOURCE=WEIGHT") from None
         if out[key] < 0:
             raise ValueError(f"--sim-mix: negative weight in {part!r}")
-    if not any(v > 0 for k, v in out.items() if k != "cache"):
+    if not any(v > 0 for k, v in out.items() if k not in ("cache", "dagger")):
         raise ValueError("--sim-mix needs a positive weight for uniform, near or expert")
     return out
 

@@ -176,6 +176,7 @@ def _sim_datasets(cfg: TrainConfig, transform: Any) -> tuple[Dataset, Dataset, d
         SimFrameDataset,
         SimPairDataset,
         SubjectOverlapError,
+        VisitedStates,
         make_approach_set,
         split_seeds,
     )
@@ -196,11 +197,12 @@ def _sim_datasets(cfg: TrainConfig, transform: Any) -> tuple[Dataset, Dataset, d
             if both:
                 raise SubjectOverlapError(f"{cfg.data}: train subjects overlap the {name} subjects (seeds "
                                           f"{both[:5]})")
+    states = VisitedStates.load(cfg.dagger_states) if cfg.dagger_states else None
     cls = SimPairDataset if cfg.model == "dreamer" else SimFrameDataset
     train = cls(train_seeds, length=cfg.sim_items_per_epoch, image_size=size,
                 render_sizes=parse_sizes(cfg.sim_render_sizes), mix=parse_mix(cfg.sim_mix), seed=cfg.seed,
                 held_out=held, cache=cache, jitter=transform is not None, max_offset_mm=cfg.sim_max_offset_mm,
-                max_offset_deg=cfg.sim_max_offset_deg)
+                max_offset_deg=cfg.sim_max_offset_deg, states=states)
     vs = make_approach_set(val_seeds, cfg.sim_val_frames_per_plane, image_size=size, seed=cfg.seed + 1,
                            max_offset_mm=cfg.sim_max_offset_mm, max_offset_deg=cfg.sim_max_offset_deg)
     val = ArrayFrames(vs.images, vs.actions, vs.plane, vs.subject)
@@ -209,6 +211,7 @@ def _sim_datasets(cfg: TrainConfig, transform: Any) -> tuple[Dataset, Dataset, d
                                                    "val_seeds": [val_seeds[0], val_seeds[-1]],
                                                    "max_offset_mm": cfg.sim_max_offset_mm,
                                                    "max_offset_deg": cfg.sim_max_offset_deg,
+                                                   "dagger_states": 0 if states is None else len(states),
                                                    "action_mean": mean.tolist(), "action_std": std.tolist()})
     return train, val, manifest
 
@@ -452,6 +455,13 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
             raise ValueError(f"cannot resume {resume}: it was trained on views "
                              f"{state.get('planes') or list(PLANE_NAMES)}, the data has {model.plane_names}")
         model.load_state_dict(state["model"])
+    elif cfg.init_from:   # fine-tuning: the weights (and action statistics) of another run, a fresh optimiser
+        init = load_checkpoint(cfg.init_from, prefer="best")
+        same_args = init.get("model_args") == {**model_args(cfg), "n_planes": int(model.n_planes)}
+        if not same_args or list(init.get("planes") or PLANE_NAMES) != model.plane_names:
+            raise ValueError(f"--init-from {init['path']}: a different model ({init.get('model_args')}, views "
+                             f"{init.get('planes')}) than this run's ({model_args(cfg)}, {model.plane_names})")
+        model.load_state_dict(init["model"])
     model.train()
     step_module: torch.nn.Module = TrainStep(model)
     if world > 1:

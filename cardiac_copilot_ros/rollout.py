@@ -1,0 +1,247 @@
+"""A fast closed loop without ROS: simulator, model(s), coarse to fine, fused target, a kinematic servo.
+
+``bench closed-loop`` runs the real nodes over DDS in real time (about 15 s per episode). This module
+runs the same guidance logic frame by frame in one process, as fast as the model and the renderer go
+(about 20 episodes a minute on 2 cores), for what needs many episodes:
+
+* DAgger (:mod:`cardiac_copilot_ros.training.dagger`, issue 12 item 1): the states the current models
+  visit in the closed loop, labelled afterwards from the simulator's true target;
+* a quick check of a candidate model on validation subjects before the real bench.
+
+What runs per frame, as in ``guidance_node`` (fused mode) and ``servo_node``:
+
+1. render the simulator at the probe pose (heartbeat phase advancing with time);
+2. the stage's model (:class:`..coarse_to_fine.StageSelector`: coarse until the coarse fused target is
+   near, then fine) predicts the action; its target estimate ``T_probe @ U(a)`` goes into that stage's
+   :class:`..target_fusion.TargetFusion`; the guidance is the fused target relative to the probe
+   (``fused``), or the frame's own action (``per_frame``);
+3. the probe moves by ``gain`` times the guidance, clipped to ``max_step_mm`` / ``max_step_deg``
+   (the servo's speed limit at the frame rate), plus optional exploration noise (DAgger's
+   state diversity);
+4. the loop stops when the guidance has stayed within ``stop_mm`` / ``stop_deg`` for ``stop_frames``
+   frames (the servo's convergence), or after ``steps`` frames.
+
+This is a model of the loop, not the loop: no latency, no acceleration limits, no final-approach
+check. The numbers it gives rank models; ``bench closed-loop`` measures them. No rclpy here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from .coarse_to_fine import StageConfig, StageSelector
+from .pose import action_to_matrix, pose_error, relative_action
+from .target_fusion import FusionConfig, TargetFusion
+
+MODES = ("fused", "per_frame")
+
+
+class Predictor(Protocol):
+    """What the loop needs of a model (:class:`..runtime.GuidanceRuntime` is one)."""
+
+    planes: tuple[str, ...]
+
+    def predict(self, frame: np.ndarray, plane: str | int | None = None, refine: bool | None = None) -> Any: ...
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    """One simulated closed-loop episode. Units are in the names."""
+
+    steps: int = 60                 # frames at most
+    frame_dt_s: float = 0.1         # simulated time between frames (heartbeat phase, fusion stamps)
+    gain: float = 0.5               # fraction of the guidance executed per frame
+    max_step_mm: float = 4.0        # per frame (the servo's 0.04 m/s at 10 Hz)
+    max_step_deg: float = 4.0       # per frame and axis
+    noise_mm: float = 0.0           # exploration: Gaussian per-axis motion noise per frame (DAgger)
+    noise_deg: float = 0.0
+    stop_mm: float = 1.5            # converged: guidance within these ...
+    stop_deg: float = 1.7
+    stop_frames: int = 5            # ... for this many frames in a row
+    render_size: int = 128          # simulator image side [px] (the training frames render at 128)
+    max_offset_mm: float = 40.0     # start range (sim.expert.random_start_offset; z: a fifth)
+    max_offset_deg: float = 40.0
+    mode: str = "fused"             # fused | per_frame
+
+    def validate(self) -> RolloutConfig:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        for name in ("steps", "stop_frames", "render_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        for name in ("frame_dt_s", "gain", "max_step_mm", "max_step_deg", "stop_mm", "stop_deg",
+                     "max_offset_mm", "max_offset_deg"):
+            v = float(getattr(self, name))
+            if not (np.isfinite(v) and v > 0):
+                raise ValueError(f"{name} must be a finite number > 0, got {v}")
+        if not (0 <= self.noise_mm < 50 and 0 <= self.noise_deg < 50):
+            raise ValueError("noise_mm and noise_deg must be in [0, 50)")
+        return self
+
+
+@dataclass
+class RolloutResult:
+    """One episode: where it went and every state it visited."""
+
+    subject_seed: int
+    plane: str
+    start_offset: list[float]           # action from the target to the start pose (mm, deg)
+    translation_mm: float               # final pose vs the true target
+    rotation_deg: float
+    converged: bool                     # the guidance stayed small (the servo would stop)
+    frames: int
+    #: (frames, 6): offset of every pose a frame was taken at, from the target (pose = target @ U(offset))
+    offsets: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 6)))
+    #: (frames,): the stage whose model guided at that frame ("coarse" / "fine")
+    stages: list[str] = field(repr=False, default_factory=list)
+
+    def success(self, mm: float = 5.0, deg: float = 5.0) -> bool:
+        return self.translation_mm <= mm and self.rotation_deg <= deg
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("offsets"), d.pop("stages")
+        d["fine_frames"] = sum(s == "fine" for s in self.stages)
+        return d
+
+
+def _clip_step(a: np.ndarray, cfg: RolloutConfig) -> np.ndarray:
+    lim = np.array([cfg.max_step_mm] * 3 + [cfg.max_step_deg] * 3)
+    return np.clip(cfg.gain * np.asarray(a, np.float64), -lim, lim)
+
+
+def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | None = None,
+                config: RolloutConfig | None = None, rng: np.random.Generator | None = None,
+                start_offset: Sequence[float] | None = None, stage_config: StageConfig | None = None,
+                fusion_config: FusionConfig | None = None) -> RolloutResult:
+    """One episode on ``renderer`` (a :class:`..sim.render.Renderer`) toward ``plane``.
+
+    ``start_offset``: action (mm, deg) from the target to the start; default drawn from ``rng`` over the
+    start range. ``fine``: the fine model (coarse to fine, fused mode only); None = coarse only.
+    """
+    from .sim.expert import random_start_offset
+
+    cfg = (config or RolloutConfig()).validate()
+    rng = rng if rng is not None else np.random.default_rng()
+    target = renderer.subject.target_pose(plane)
+    o0 = (np.asarray(start_offset, np.float64) if start_offset is not None
+          else random_start_offset(rng, cfg.max_offset_mm, cfg.max_offset_deg))
+    T = target @ action_to_matrix(o0)
+    fusions = {"coarse": TargetFusion(fusion_config), "fine": TargetFusion(fusion_config)}
+    stages = StageSelector(stage_config)
+    use_fine = fine is not None and cfg.mode == "fused"
+    offsets: list[np.ndarray] = []
+    stage_log: list[str] = []
+    calm = 0
+    t = float(rng.uniform(0.0, 1.0))   # heartbeat phase at the start
+    for _ in range(cfg.steps):
+        stage = stages.stage if use_fine else "coarse"
+        model = fine if stage == "fine" and fine is not None else coarse
+        offsets.append(relative_action(target, T))
+        stage_log.append(stage)
+        pred = model.predict(renderer.render(T, t), plane)
+        if cfg.mode == "fused":
+            up = fusions[stage].add(t, T, action_to_matrix(pred.action), pred.action_scale, key=plane)
+            fused = up.fused
+            guidance = relative_action(T, fused.T_mm)
+            if use_fine:   # the hand-over of guidance_node._fuse_frame
+                stages.count(stage)
+                if stage == "coarse":
+                    if stages.after_coarse(T, fused):
+                        fusions["fine"].reset("coarse-to-fine: fine stage", key_change=True)
+                else:
+                    if up.reset:
+                        stages.reset(f"fine estimate reset ({up.reset})")
+                        switched = True
+                    else:
+                        switched = bool(stages.after_fine(T, fused))
+                    if switched:
+                        fusions["coarse"].reset("coarse-to-fine: back to coarse", key_change=True)
+        else:
+            guidance = np.asarray(pred.action, np.float64)
+        small = (np.linalg.norm(guidance[:3]) <= cfg.stop_mm and np.linalg.norm(guidance[3:]) <= cfg.stop_deg)
+        calm = calm + 1 if small else 0
+        if calm >= cfg.stop_frames:
+            break
+        step = _clip_step(guidance, cfg)
+        if cfg.noise_mm or cfg.noise_deg:
+            step = step + rng.normal(0.0, 1.0, 6) * np.array([cfg.noise_mm] * 3 + [cfg.noise_deg] * 3)
+        T = T @ action_to_matrix(step)
+        t += cfg.frame_dt_s
+    err_mm, err_deg = pose_error(T, target)
+    return RolloutResult(subject_seed=int(getattr(renderer.subject, "seed", -1)), plane=str(plane),
+                         start_offset=[float(v) for v in o0], translation_mm=float(err_mm),
+                         rotation_deg=float(err_deg), converged=calm >= cfg.stop_frames, frames=len(offsets),
+                         offsets=np.asarray(offsets, np.float64).reshape(-1, 6), stages=stage_log)
+
+
+def run_episodes(seeds: Sequence[int], planes: Sequence[str], coarse: Predictor, fine: Predictor | None = None,
+                 config: RolloutConfig | None = None, seed: int = 0, episodes_per_plane: int = 1,
+                 progress: Callable[[RolloutResult], None] | None = None) -> list[RolloutResult]:
+    """Episodes on every subject seed x plane (``episodes_per_plane`` starts each), reproducible from
+    ``seed`` (the starts of subject s, plane p do not depend on which other subjects run)."""
+    from .sim.phantom import make_subject
+    from .sim.render import Renderer
+
+    cfg = (config or RolloutConfig()).validate()
+    out: list[RolloutResult] = []
+    for s in seeds:
+        renderer = Renderer(make_subject(int(s)), size=cfg.render_size, heartbeat=True)
+        for p_index, plane in enumerate(planes):
+            for k in range(int(episodes_per_plane)):
+                rng = np.random.default_rng((int(seed), int(s), p_index, k))
+                res = run_episode(renderer, plane, coarse, fine, cfg, rng)
+                res.subject_seed = int(s)
+                out.append(res)
+                if progress is not None:
+                    progress(res)
+    return out
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:
+    """95 % Wilson score interval of a success rate (None for n = 0)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denom = 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def summarize(results: Sequence[RolloutResult], mm: float = 5.0, deg: float = 5.0) -> dict[str, Any]:
+    """Success rate (with its 95 % Wilson interval), medians of the final error, per plane and overall."""
+    def stats(rs: Sequence[RolloutResult]) -> dict[str, Any]:
+        n, k = len(rs), sum(r.success(mm, deg) for r in rs)
+        ci = wilson_interval(k, n)
+        return {"episodes": n, "successes": k, "success_rate": k / n if n else None,
+                "success_ci95": None if ci is None else list(ci),
+                "median_final_error_mm": float(np.median([r.translation_mm for r in rs])) if n else None,
+                "median_final_error_deg": float(np.median([r.rotation_deg for r in rs])) if n else None,
+                "converged_rate": float(np.mean([r.converged for r in rs])) if n else None,
+                "median_frames": float(np.median([r.frames for r in rs])) if n else None}
+
+    out = stats(results)
+    out["per_plane"] = {p: stats([r for r in results if r.plane == p])
+                        for p in dict.fromkeys(r.plane for r in results)}
+    return out
+
+
+def states_table(results: Sequence[RolloutResult], stage: str | None = None) -> dict[str, np.ndarray]:
+    """The visited states as arrays ``seed`` (N,), ``plane`` (N,) str, ``offset`` (N, 6) mm/deg from the
+    target (pose = target @ U(offset)) and ``stage`` (N,) str; only the frames of ``stage`` when given."""
+    seeds, planes, offsets, stages = [], [], [], []
+    for r in results:
+        keep = [i for i, s in enumerate(r.stages) if stage is None or s == stage]
+        seeds += [r.subject_seed] * len(keep)
+        planes += [r.plane] * len(keep)
+        stages += [r.stages[i] for i in keep]
+        offsets.append(r.offsets[keep])
+    return {"seed": np.asarray(seeds, np.int64), "plane": np.asarray(planes, dtype="U16"),
+            "offset": np.concatenate(offsets, 0) if offsets else np.zeros((0, 6)),
+            "stage": np.asarray(stages, dtype="U8")}

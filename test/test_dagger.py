@@ -1,0 +1,217 @@
+"""Issue 12 item 1: the fast closed loop without ROS (rollout), visited states as a training source, and the
+``cardiac-copilot dagger`` command (roll out, label, retrain, validate; resumable)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cardiac_copilot_ros import rollout
+from cardiac_copilot_ros.data.approach import SimFrameDataset, SubjectOverlapError, VisitedStates, split_seeds
+from cardiac_copilot_ros.data.build import DatasetError
+from cardiac_copilot_ros.pose import action_to_matrix, relative_action
+from cardiac_copilot_ros.runtime import Prediction
+from cardiac_copilot_ros.sim.phantom import make_subject
+from cardiac_copilot_ros.sim.render import Renderer
+
+PLANES = ("PLAX", "PSAX-AV", "PSAX-MV")
+
+
+class PoseRecordingRenderer:
+    """The simulator's renderer, remembering the pose of the last frame (what a perfect model would know)."""
+
+    def __init__(self, seed: int, size: int = 32) -> None:
+        self.inner = Renderer(make_subject(seed), size=size, heartbeat=True)
+        self.subject = self.inner.subject
+        self.last_pose: np.ndarray | None = None
+
+    def render(self, T: np.ndarray, t_s: float = 0.0) -> np.ndarray:
+        self.last_pose = np.array(T)
+        return self.inner.render(T, t_s)
+
+
+class TrueMotionModel:
+    """A test double of a model: the true remaining motion toward the target moved by ``target_error``
+    (an action, mm/deg), with an optional per-axis scale."""
+
+    planes = PLANES
+
+    def __init__(self, renderer: PoseRecordingRenderer, target_error=(0, 0, 0, 0, 0, 0), name: str = "m") -> None:
+        self.renderer, self.error, self.name, self.calls = renderer, np.asarray(target_error, float), name, 0
+
+    def predict(self, frame, plane=None, refine=None) -> Prediction:
+        self.calls += 1
+        target = self.renderer.subject.target_pose(plane) @ action_to_matrix(self.error)
+        return Prediction(action=relative_action(self.renderer.last_pose, target), plane=plane, refined=False,
+                          action_scale=np.ones(6))
+
+
+def test_rollout_with_true_motion_converges_on_the_target():
+    r = PoseRecordingRenderer(20001)
+    res = rollout.run_episode(r, "PLAX", TrueMotionModel(r), config=rollout.RolloutConfig(render_size=32),
+                              rng=np.random.default_rng(0))
+    assert res.converged and res.success() and res.translation_mm < 1.5 and res.rotation_deg < 2.0
+    assert res.offsets.shape == (res.frames, 6) and res.frames < 60
+    # the first visited state is the start; states are offsets from the true target
+    assert np.allclose(res.offsets[0], res.start_offset, atol=1e-6)
+    assert np.linalg.norm(res.start_offset[:3]) > 5
+
+
+@pytest.mark.parametrize("mode", rollout.MODES)
+def test_rollout_stops_where_a_biased_model_points(mode):
+    """A model whose target is 8 mm off: the loop converges there and the episode fails (the fixed point
+    DAgger is for), in both guidance modes."""
+    r = PoseRecordingRenderer(20002)
+    model = TrueMotionModel(r, target_error=(8, 0, 0, 0, 0, 0))
+    res = rollout.run_episode(r, "PSAX-AV", model, config=rollout.RolloutConfig(mode=mode, render_size=32),
+                              rng=np.random.default_rng(1))
+    assert res.converged and not res.success()
+    assert abs(res.translation_mm - 8.0) < 1.5 and res.rotation_deg < 2.0
+    assert set(res.stages) == {"coarse"}
+
+
+def test_coarse_to_fine_hands_over_and_records_the_stage():
+    r = PoseRecordingRenderer(20003)
+    coarse = TrueMotionModel(r, target_error=(3, 0, 0, 0, 0, 0), name="coarse")
+    fine = TrueMotionModel(r, name="fine")
+    res = rollout.run_episode(r, "PSAX-MV", coarse, fine, rollout.RolloutConfig(render_size=32),
+                              rng=np.random.default_rng(2), start_offset=[30, -20, 4, 25, -10, 20])
+    assert res.stages[0] == "coarse" and res.stages[-1] == "fine"
+    assert coarse.calls == res.stages.count("coarse") and fine.calls == res.stages.count("fine")
+    assert res.success() and res.translation_mm < 1.5   # the fine model's target, not the coarse one's
+    table = rollout.states_table([res], stage="fine")
+    assert len(table["seed"]) == res.stages.count("fine") and set(table["stage"]) == {"fine"}
+    assert set(table["plane"]) == {"PSAX-MV"} and set(table["seed"]) == {20003}
+    assert len(rollout.states_table([res])["seed"]) == res.frames
+
+
+def test_rollout_summary_and_config_checks():
+    r = PoseRecordingRenderer(20004)
+    model = TrueMotionModel(r)
+    results = [rollout.run_episode(r, p, model, config=rollout.RolloutConfig(render_size=32, steps=40),
+                                   rng=np.random.default_rng(k)) for k, p in enumerate(PLANES)]
+    s = rollout.summarize(results)
+    assert s["episodes"] == 3 and s["success_rate"] == 1.0 and s["success_ci95"][1] == 1.0
+    assert set(s["per_plane"]) == set(PLANES)
+    assert rollout.wilson_interval(0, 0) is None
+    for bad in ({"mode": "oracle"}, {"gain": 0.0}, {"steps": 0}, {"noise_mm": -1.0}, {"max_step_deg": float("nan")}):
+        with pytest.raises(ValueError):
+            rollout.RolloutConfig(**bad).validate()
+
+
+def test_rollout_runs_the_shipped_runtime():
+    """The real runtime (GuidanceRuntime on the default bundle) in the loop: a few frames, finite states."""
+    from cardiac_copilot_ros.runtime import GuidanceRuntime, default_model_path
+
+    torch.set_num_threads(1)
+    rt = GuidanceRuntime(default_model_path(), engine="torch", warmup=0)
+    res = rollout.run_episodes([20005], ["PLAX"], rt, config=rollout.RolloutConfig(steps=3, render_size=64))
+    assert len(res) == 1 and res[0].frames == 3 and np.isfinite(res[0].offsets).all()
+
+
+# ---------------------------------------------------------------------------------------
+# Visited states as training data
+# ---------------------------------------------------------------------------------------
+
+def _states(tmp_path, seeds=(20000, 20001)) -> str:
+    offsets = np.array([[5.0, 0, 0, 0, 0, 0], [0, -4.0, 1.0, 0, 0, 0], [2.0, 2.0, 0, 0, 0, 0]])
+    n = len(seeds)
+    VisitedStates(np.array(seeds), np.array(["PLAX", "PSAX-MV"][:n]), offsets[:n]).save(str(tmp_path / "s.npz"))
+    return str(tmp_path / "s.npz")
+
+
+def test_dagger_source_renders_and_labels_the_visited_states(tmp_path):
+    states = VisitedStates.load(_states(tmp_path))
+    assert len(states) == 2
+    ds = SimFrameDataset(split_seeds("train", 4), length=30, image_size=32, render_sizes=(48,), seed=1,
+                         mix={"uniform": 0.5, "dagger": 0.5}, states=states)
+    drawn = [ds.draw(k) for k in range(30)]
+    dag = [d for d in drawn if d["source"] == "dagger"]
+    assert 5 <= len(dag) <= 25
+    for d in dag:
+        k = 0 if d["seed"] == 20000 else 1
+        assert d["plane"] == (0 if k == 0 else 2)
+        expected = states.offset[k]
+        assert np.allclose(relative_action(d["target"], d["pose"]), expected, atol=1e-6)
+        # the label is the motion back to the target: for a pure translation, minus the offset
+        assert np.allclose(d["action"], -expected, atol=1e-6)
+    item = ds[next(k for k, d in enumerate(drawn) if d["source"] == "dagger")]
+    assert item["image"].shape == (1, 32, 32) and item["image"].dtype == torch.uint8
+    # without states, the dagger weight is ignored (nothing to draw)
+    plain = SimFrameDataset([20000], length=10, mix={"uniform": 1, "dagger": 1})
+    assert {plain.draw(k)["source"] for k in range(10)} == {"uniform"}
+
+
+def test_visited_states_refuse_held_out_subjects_and_bad_files(tmp_path):
+    held = VisitedStates.load(_states(tmp_path, seeds=(20000, 9001)))
+    with pytest.raises(SubjectOverlapError, match="9001"):
+        SimFrameDataset(split_seeds("train", 2), mix={"uniform": 1, "dagger": 1}, states=held,
+                        held_out={"test": split_seeds("test", 10)})
+    np.save(tmp_path / "junk.npy", np.zeros(3))
+    (tmp_path / "junk.npz").write_bytes((tmp_path / "junk.npy").read_bytes())
+    with pytest.raises(DatasetError, match="junk.npz"):
+        VisitedStates.load(str(tmp_path / "junk.npz"))
+    np.savez(tmp_path / "obj.npz", seed=np.array([1], dtype=object), plane=np.array(["PLAX"]), offset=np.zeros((1, 6)))
+    with pytest.raises(DatasetError, match="obj.npz"):   # object arrays need pickle: refused
+        VisitedStates.load(str(tmp_path / "obj.npz"))
+    with pytest.raises(ValueError, match="unknown planes"):
+        VisitedStates(np.array([1]), np.array(["XYZ"]), np.zeros((1, 6)))
+    from cardiac_copilot_ros.training.config import make_config
+
+    with pytest.raises(ValueError, match="dagger-states"):
+        make_config("fine", model="baseline", sim_mix="uniform=0.5,dagger=0.5")
+    with pytest.raises(ValueError, match="uniform, near or expert"):
+        make_config("fine", model="baseline", sim_mix="dagger=1", dagger_states="x.npz")
+
+
+# ---------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------
+
+def test_dagger_command_rolls_out_retrains_validates_and_resumes(tmp_path):
+    from cardiac_copilot_ros import cli
+    from cardiac_copilot_ros.training.loop import load_checkpoint
+
+    torch.set_num_threads(1)
+    train = ["--model", "baseline", "--preset", "smoke", "--backbone", "resnet10", "--uncertainty",
+             "--sim-subjects", "2", "--sim-val-subjects", "1", "--sim-val-frames-per-plane", "1",
+             "--sim-render-sizes", "48", "--sim-items-per-epoch", "32", "--max-steps", "2"]
+    assert cli.main(["train", *train, "--out-dir", str(tmp_path), "--run-name", "fine0"]) == 0
+    assert cli.main(["export", str(tmp_path / "fine0"), "--out", str(tmp_path / "fine0.pt")]) == 0
+    out = tmp_path / "dagger"
+    argv = ["dagger", "--stage", "coarse", "--coarse", str(tmp_path / "fine0.pt"), "--fine", "none",
+            "--init", str(tmp_path / "fine0"), "--preset", "smoke", "--out", str(out), "--iterations", "1",
+            "--subjects", "1", "--steps", "2", "--val-subjects", "1", "--val-episodes-per-plane", "1",
+            "--train-set", "sim_subjects=2", "backbone=resnet10", "uncertainty=true", "sim_val_subjects=1",
+            "sim_val_frames_per_plane=1", "sim_render_sizes=48", "sim_items_per_epoch=32",
+            "--rollout-set", "steps=4", "render_size=48", "stop_mm=100", "stop_deg=100", "stop_frames=3",
+            "--no-progress"]
+    assert cli.main(argv) == 0
+    states = VisitedStates.load(str(out / "iter_1" / "states.npz"))
+    assert len(states) > 0 and set(states.seed.tolist()) == {20000}
+    assert set(np.load(out / "iter_1" / "states.npz")["stage"].tolist()) == {"coarse"}
+    state = load_checkpoint(out / "iter_1" / "train")
+    assert state["config"]["init_from"] == str(tmp_path / "fine0")
+    assert state["config"]["dagger_states"] == str(out / "iter_1" / "states.npz")
+    assert "dagger=0.5" in state["config"]["sim_mix"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["iteration"] for r in summary["iterations"]] == [0, 1]
+    assert summary["iterations"][1]["states"] == len(states)
+    assert (out / "best.txt").read_text().strip() in {str(tmp_path / "fine0.pt"), str(out / "iter_1" / "bundle.pt")}
+    # resumable: a second run redoes nothing
+    stamp = {p: p.stat().st_mtime_ns for p in (out / "iter_1" / "states.npz", out / "iter_1" / "bundle.pt",
+                                               out / "iter_1" / "val.json")}
+    assert cli.main(argv) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+    # bad input: a clear error, exit 2
+    fine = [*argv[:2], "fine", *argv[3:6], str(tmp_path / "fine0.pt"), *argv[7:]]
+    fine[fine.index(str(out))] = str(tmp_path / "d2")   # this model never gets near: no fine-stage states
+    assert cli.main(fine) == 2 and not (tmp_path / "d2" / "iter_1" / "states.npz").exists()
+    assert cli.main([*argv[:-1], "--rollout-set", "speed=3"]) == 2
+    assert cli.main(["dagger", "--out", str(tmp_path / "x"), "--dagger-weight", "1.5"]) == 2
+    assert cli.main(["dagger", "--out", str(tmp_path / "y"), "--fine", "none"]) == 2
+    assert cli.main(["train", *train, "--out-dir", str(tmp_path), "--run-name", "bad", "--backbone", "resnet18",
+                     "--init-from", str(tmp_path / "fine0")]) == 2
