@@ -21,8 +21,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("cardiac_copilot_ros.evaluation", "evaluate runs or bundles (paper Table 1, Fig. 3)"),
     "export": ("cardiac_copilot_ros.model.export", "export a run as a TorchScript / torch.export bundle"),
     "demo": ("cardiac_copilot_ros.demo", "run the bedside pipeline on the built-in simulator"),
-    "bench": ("cardiac_copilot_ros.bench", "benchmarks: sim, guidance, recorder, train, paper, closed-loop"),
+    "bench": ("cardiac_copilot_ros.bench", "benchmarks: sim, guidance, recorder, train, paper, closed-loop, rollout"),
 }
+
+
+def key_value_arg(text: str) -> tuple[str, int | float | bool | str]:
+    """argparse type of ``KEY=VALUE`` overrides: the value as int, float, bool (true/false) or string."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    for conv in (int, float):
+        try:
+            return key, conv(value)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def _load(module: str):

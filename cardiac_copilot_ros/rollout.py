@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -67,6 +67,15 @@ class RolloutConfig:
     max_offset_mm: float = 40.0     # start range (sim.expert.random_start_offset; z: a fifth)
     max_offset_deg: float = 40.0
     mode: str = "fused"             # fused | per_frame
+
+    @classmethod
+    def from_overrides(cls, overrides: dict[str, Any], base: RolloutConfig | None = None) -> RolloutConfig:
+        """``base`` (default the defaults) with ``overrides`` applied, validated; unknown keys are a ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown rollout settings {unknown}; known: {', '.join(sorted(known))}")
+        return replace(base or cls(), **overrides).validate()
 
     def validate(self) -> RolloutConfig:
         if self.mode not in MODES:

@@ -215,3 +215,20 @@ def test_dagger_command_rolls_out_retrains_validates_and_resumes(tmp_path):
     assert cli.main(["dagger", "--out", str(tmp_path / "y"), "--fine", "none"]) == 2
     assert cli.main(["train", *train, "--out-dir", str(tmp_path), "--run-name", "bad", "--backbone", "resnet18",
                      "--init-from", str(tmp_path / "fine0")]) == 2
+
+
+def test_bench_rollout_prints_a_table_and_json(tmp_path, capsys):
+    from cardiac_copilot_ros import cli
+
+    torch.set_num_threads(1)
+    out = tmp_path / "r.json"
+    assert cli.main(["bench", "rollout", "--subject-seeds", "8000", "--episodes-per-plane", "1", "--quiet",
+                     "--rollout-set", "steps=2", "render_size=64", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| fused | all | 3 |" in text and "| per_frame | all | 3 |" in text
+    doc = json.loads(out.read_text())
+    assert doc["fine_bundle"].endswith("fine.pt") and doc["config"]["fused"]["steps"] == 2
+    assert len(doc["episodes"]["per_frame"]) == 3 and doc["episodes"]["fused"][0]["frames"] == 2
+    assert cli.main(["bench", "rollout", "--rollout-set", "speed=1"]) == 2
+    assert cli.main(["bench", "rollout", "--modes", "oracle"]) == 2
+    assert cli.main(["bench", "rollout", "--bundle", str(tmp_path / "missing.pt")]) == 2

@@ -37,6 +37,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cardiac_copilot_ros.cli import key_value_arg
+
 __all__ = ["add_arguments", "run", "dagger"]
 
 STAGES = ("fine", "coarse")
@@ -71,24 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-subjects", type=int, default=12, help="validation subjects (seeds 8000+; default 12)")
     parser.add_argument("--val-episodes-per-plane", type=int, default=2, help="validation starts per subject and plane")
     parser.add_argument("--seed", type=int, default=0, help="seed of starts, noise and training (default 0)")
-    parser.add_argument("--train-set", nargs="+", default=[], metavar="KEY=VALUE", type=_key_value,
+    parser.add_argument("--train-set", nargs="+", default=[], metavar="KEY=VALUE", type=key_value_arg,
                         help="training config overrides on top of the preset (e.g. batch_size=16 workers=0)")
-    parser.add_argument("--rollout-set", nargs="+", default=[], metavar="KEY=VALUE", type=_key_value,
+    parser.add_argument("--rollout-set", nargs="+", default=[], metavar="KEY=VALUE", type=key_value_arg,
                         help="rollout.RolloutConfig overrides (e.g. steps=80 gain=0.4)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def _key_value(text: str) -> tuple[str, Any]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    for conv in (int, float):
-        try:
-            return key, conv(value)
-        except ValueError:
-            pass
-    return key, {"true": True, "false": False}.get(value.lower(), value)
 
 
 def _validate_args(args: argparse.Namespace) -> None:
@@ -140,17 +130,11 @@ def _runtimes(coarse: str, fine: str | None, threads: int) -> tuple[Any, Any]:
 
 
 def _rollout_config(args: argparse.Namespace, noise: bool) -> Any:
-    import dataclasses
-
     from cardiac_copilot_ros import rollout
 
     over = dict(args.rollout_set)
-    known = {f.name for f in dataclasses.fields(rollout.RolloutConfig)}
-    unknown = sorted(set(over) - known)
-    if unknown:
-        raise ValueError(f"--rollout-set: unknown keys {unknown}; known: {', '.join(sorted(known))}")
     over.update(noise_mm=args.noise_mm if noise else 0.0, noise_deg=args.noise_deg if noise else 0.0)
-    return rollout.RolloutConfig(**over).validate()
+    return rollout.RolloutConfig.from_overrides(over)
 
 
 def _rollouts(seeds: list[int], coarse: str, fine: str | None, args: argparse.Namespace, seed: int,

@@ -1,0 +1,107 @@
+"""``cardiac-copilot bench rollout``: a quick closed-loop estimate without ROS (:mod:`cardiac_copilot_ros.rollout`).
+
+The guidance node's logic (coarse to fine, fused target) and a kinematic servo, frame by frame in one
+process: about 2 episodes per second on 2 cores, where ``bench closed-loop`` (real nodes over DDS, in
+real time) takes about 15 s per episode. It ranks models and runtime settings on validation subjects
+before the real bench measures the chosen one; it has no latency, acceleration limits or
+final-approach check, so its success rates are not the real loop's.
+
+Example: ``cardiac-copilot bench rollout --subject-seeds 8000-8011 --fine-bundle runs/dagger_fine/iter_2/bundle.pt``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from ..cli import key_value_arg
+from .closed_loop import parse_seeds
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bundle", default=None, metavar="FILE", help="coarse bundle (default models/default.pt)")
+    parser.add_argument("--fine-bundle", default=None, metavar="FILE",
+                        help="fine bundle (default models/fine.pt when --bundle is not given; 'none' = off)")
+    parser.add_argument("--subject-seeds", type=parse_seeds, default=parse_seeds("8000-8011"), metavar="SEEDS",
+                        help="subjects as a list or range (default 8000-8011: validation subjects)")
+    parser.add_argument("--episodes-per-plane", type=int, default=2, help="starts per subject and plane (default 2)")
+    parser.add_argument("--modes", default="fused,per_frame", help="comma-separated: fused, per_frame")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
+    parser.add_argument("--rollout-set", nargs="+", default=[], metavar="KEY=VALUE", type=key_value_arg,
+                        help="rollout.RolloutConfig overrides (e.g. steps=80 gain=0.4 stop_frames=10)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def format_table(summaries: dict[str, dict]) -> str:
+    lines = ["| mode | plane | episodes | success [95 % Wilson] | median final error (mm / deg) | converged | "
+             "median frames |", "|" + "---|" * 7]
+    for mode, s in summaries.items():
+        for plane, p in [*s["per_plane"].items(), ("all", s)]:
+            ci = p["success_ci95"] or [0.0, 0.0]
+            lines.append(f"| {mode} | {plane} | {p['episodes']} | {100 * p['success_rate']:.0f} % "
+                         f"[{100 * ci[0]:.0f}-{100 * ci[1]:.0f} %] | {p['median_final_error_mm']:.1f} / "
+                         f"{p['median_final_error_deg']:.1f} | {100 * p['converged_rate']:.0f} % | "
+                         f"{p['median_frames']:.0f} |")
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import rollout, runtime
+    from ..model.bundle import BundleError
+
+    try:
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        bad = [m for m in modes if m not in rollout.MODES]
+        if bad or not modes:
+            raise ValueError(f"unknown modes {bad}; choose from {', '.join(rollout.MODES)}")
+        if args.episodes_per_plane < 1:
+            raise ValueError("--episodes-per-plane must be >= 1")
+        configs = {m: rollout.RolloutConfig.from_overrides({**dict(args.rollout_set), "mode": m}) for m in modes}
+        coarse_path = args.bundle or str(runtime.default_model_path())
+        fine_path = args.fine_bundle
+        if fine_path is None and args.bundle is None:
+            default_fine = runtime.default_fine_model_path()
+            fine_path = str(default_fine) if default_fine else None
+        fine_path = None if fine_path in (None, "", "none") else fine_path
+        kw = dict(engine="torch", num_threads=args.threads or None, warmup=1)
+        coarse = runtime.GuidanceRuntime(coarse_path, **kw)
+        fine = runtime.GuidanceRuntime(fine_path, **kw) if fine_path else None
+    except (ValueError, FileNotFoundError, BundleError) as exc:
+        print(f"bench rollout: {exc}", file=sys.stderr)
+        return 2
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        total = len(modes) * len(args.subject_seeds) * len(coarse.planes) * args.episodes_per_plane
+        bar = tqdm(total=total, desc="bench rollout", unit="episode", dynamic_ncols=True, file=sys.stderr)
+    t0 = time.monotonic()
+    results = {}
+    try:
+        for mode, cfg in configs.items():
+            results[mode] = rollout.run_episodes(args.subject_seeds, coarse.planes, coarse, fine, cfg, seed=args.seed,
+                                                 episodes_per_plane=args.episodes_per_plane,
+                                                 progress=(lambda _r: bar.update(1)) if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    elapsed = time.monotonic() - t0
+    summaries = {m: rollout.summarize(r) for m, r in results.items()}
+    n = sum(len(r) for r in results.values())
+    print(f"bench rollout: {coarse_path}" + (f" -> {fine_path}" if fine_path else "") +
+          f", subjects {args.subject_seeds[0]}..{args.subject_seeds[-1]} ({len(args.subject_seeds)}), "
+          f"{n} episodes in {elapsed:.0f} s ({n / max(elapsed, 1e-9):.1f} episodes/s)")
+    print(format_table(summaries))
+    if args.json:
+        doc = {"bundle": coarse_path, "fine_bundle": fine_path, "subject_seeds": args.subject_seeds,
+               "config": {m: asdict(c) for m, c in configs.items()}, "modes": summaries,
+               "episodes": {m: [e.summary() for e in r] for m, r in results.items()}}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(doc, indent=2))
+    return 0
