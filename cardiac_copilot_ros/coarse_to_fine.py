@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .target_fusion import FusedTarget, check_positive_fields, pose_residual, updated_config
+from .target_fusion import FusedTarget, FusionUpdate, TargetFusion, check_positive_fields, pose_residual, updated_config
 
 STAGES = ("coarse", "fine")
 
@@ -116,6 +116,27 @@ class StageSelector:
                            f"(exit {cfg.exit_mm:g} mm / {cfg.exit_deg:g} deg)")
                 return self.last_change
         return None
+
+    def hand_over(self, stage: str, update: FusionUpdate, T_probe_mm: np.ndarray, coarse: TargetFusion,
+                  fine: TargetFusion) -> str | None:
+        """After ``stage``'s estimate went into its fusion (``update``): count the frame, switch the stage
+        when due, and restart the fusion of the stage being entered (the fine model starts from nothing;
+        back in coarse, no ping-pong on old coarse estimates). A reset of the fine estimates (gap, patient
+        moved) sends the stage back to coarse. Returns the reason of a switch, else None."""
+        self.count(stage)
+        if stage == "coarse":
+            switch = self.after_coarse(T_probe_mm, update.fused)
+            if switch:
+                fine.reset("coarse-to-fine: fine stage", key_change=True)
+            return switch
+        if update.reset:
+            self.reset(f"fine estimate reset ({update.reset})")
+            switch = self.last_change
+        else:
+            switch = self.after_fine(T_probe_mm, update.fused)
+        if switch:
+            coarse.reset("coarse-to-fine: back to coarse", key_change=True)
+        return switch
 
 
 __all__ = ["STAGES", "StageConfig", "StageCounters", "StageSelector"]

@@ -158,19 +158,8 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
             up = fusions[stage].add(t, T, action_to_matrix(pred.action), pred.action_scale, key=plane)
             fused = up.fused
             guidance = relative_action(T, fused.T_mm)
-            if use_fine:   # the hand-over of guidance_node._fuse_frame
-                stages.count(stage)
-                if stage == "coarse":
-                    if stages.after_coarse(T, fused):
-                        fusions["fine"].reset("coarse-to-fine: fine stage", key_change=True)
-                else:
-                    if up.reset:
-                        stages.reset(f"fine estimate reset ({up.reset})")
-                        switched = True
-                    else:
-                        switched = bool(stages.after_fine(T, fused))
-                    if switched:
-                        fusions["coarse"].reset("coarse-to-fine: back to coarse", key_change=True)
+            if use_fine:   # as guidance_node._fuse_frame
+                stages.hand_over(stage, up, T, fusions["coarse"], fusions["fine"])
         else:
             guidance = np.asarray(pred.action, np.float64)
         small = (np.linalg.norm(guidance[:3]) <= cfg.stop_mm and np.linalg.norm(guidance[3:]) <= cfg.stop_deg)

@@ -995,20 +995,8 @@ class GuidanceNode(Node):
             self._fusion_counts["fused_frames"] += 1
             fused = up.fused
             assert fused is not None
-            if self.fine_runtime is not None:
-                self._stages.count(stage)
-                if stage == "coarse":
-                    switch = self._stages.after_coarse(T_probe, fused)
-                    if switch:   # the fine model starts from nothing; this frame still guides
-                        self._fine_fusion.reset("coarse-to-fine: fine stage", key_change=True)
-                else:
-                    if up.reset:   # the fine estimates restarted (gap, patient moved): start over from coarse
-                        self._stages.reset(f"fine estimate reset ({up.reset})")
-                        switch = self._stages.last_change
-                    else:
-                        switch = self._stages.after_fine(T_probe, fused)
-                    if switch:   # start the coarse estimate afresh (no ping-pong on old estimates)
-                        self._fusion.reset("coarse-to-fine: back to coarse", key_change=True)
+            if self.fine_runtime is not None:   # this frame still guides after a switch
+                switch = self._stages.hand_over(stage, up, T_probe, self._fusion, self._fine_fusion)
         if up.reset:
             self.get_logger().info(f"fused target estimate reset: {up.reset}", throttle_duration_sec=THROTTLE_S)
         if switch:
