@@ -197,6 +197,11 @@ def test_dagger_command_rolls_out_retrains_validates_and_resumes(tmp_path):
     assert state["config"]["init_from"] == str(tmp_path / "fine0")
     assert state["config"]["dagger_states"] == str(out / "iter_1" / "states.npz")
     assert "dagger=0.5" in state["config"]["sim_mix"]
+    from cardiac_copilot_ros.model.bundle import load_bundle
+
+    meta = load_bundle(out / "iter_1" / "bundle.pt").meta["training"]
+    assert meta["init_from"] == str(tmp_path / "fine0")
+    assert meta["dagger_states"] == [str(out / "iter_1" / "states.npz")]
     summary = json.loads((out / "summary.json").read_text())
     assert [r["iteration"] for r in summary["iterations"]] == [0, 1]
     assert summary["iterations"][1]["states"] == len(states)

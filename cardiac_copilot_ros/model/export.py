@@ -48,7 +48,10 @@ def export_checkpoint(source: str | Path, out: str | Path, fmt: str | None = Non
         "model": cfg.get("model"), "training": {"checkpoint": str(state["path"]), "step": state.get("step"),
                                                 "preset": cfg.get("preset"), "best": state.get("best"),
                                                 "code_version": state.get("code_version"),
-                                                "sim_subjects": state.get("sim_subjects") or {}}})
+                                                "sim_subjects": state.get("sim_subjects") or {},
+                                                "init_from": cfg.get("init_from") or None,
+                                                "dagger_states": [p for p in str(cfg.get("dagger_states") or "")
+                                                                  .split(",") if p]}})
     path = save_bundle(model, out, meta, fmt, weights_dtype="float16" if fp16 else "float32")
     bundle = load_bundle(path, allow_torch_export=True)  # the file this process just wrote, read back once
     result: dict[str, Any] = {"path": str(path), "format": fmt, "meta": bundle.meta, "max_abs_diff": None}
