@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -86,6 +87,31 @@ def test_coarse_to_fine_hands_over_and_records_the_stage():
     assert len(table["seed"]) == res.stages.count("fine") and set(table["stage"]) == {"fine"}
     assert set(table["plane"]) == {"PSAX-MV"} and set(table["seed"]) == {20003}
     assert len(rollout.states_table([res])["seed"]) == res.frames
+
+
+class StillModel:
+    """A model that always says "you are there": its implied target moves with the probe."""
+
+    planes = PLANES
+
+    def predict(self, frame, plane=None, refine=None) -> Prediction:
+        return Prediction(action=np.zeros(6), plane=plane, refined=False, action_scale=np.ones(6))
+
+
+def test_rollout_final_approach_check_passes_true_motion_and_refuses_a_model_that_moves_along():
+    r = PoseRecordingRenderer(20006)
+    cfg = rollout.RolloutConfig(render_size=32, verify_step_mm=8.0, verify_settle_frames=10, steps=120)
+    res = rollout.run_episode(r, "PLAX", TrueMotionModel(r), config=cfg, rng=np.random.default_rng(3))
+    assert res.verify == "passed" and res.converged and res.success()
+    # the stepped pose and the frames held there are visited states (DAgger sees the check)
+    side = np.abs(res.offsets[:, 0])
+    assert np.sum((side > 6.0) & (side < 10.0)) >= 10
+    still = rollout.run_episode(r, "PLAX", StillModel(), config=dataclasses.replace(cfg, mode="per_frame"),
+                                rng=np.random.default_rng(4))
+    assert still.verify == "failed" and not still.converged
+    assert still.frames == 2 * (cfg.stop_frames + cfg.verify_settle_frames)   # two attempts, then the honest stop
+    with pytest.raises(ValueError, match="verify"):
+        rollout.RolloutConfig(verify_step_mm=-1.0).validate()
 
 
 def test_rollout_summary_and_config_checks():

@@ -3,10 +3,11 @@
 The guidance node's logic (coarse to fine, fused target) and a kinematic servo, frame by frame in one
 process: about 2 episodes per second on 2 cores, where ``bench closed-loop`` (real nodes over DDS, in
 real time) takes about 15 s per episode. It ranks models and runtime settings on validation subjects
-before the real bench measures the chosen one; it has no latency, acceleration limits or
-final-approach check, so its success rates are not the real loop's.
+before the real bench measures the chosen one; it has no latency or acceleration limits (the servo's
+final-approach check only with ``--rollout-set verify_step_mm=8``), so its success rates are not the
+real loop's.
 
-Example: ``cardiac-copilot bench rollout --subject-seeds 8000-8011 --fine-bundle runs/dagger_fine/iter_2/bundle.pt``
+Example: ``cardiac-copilot bench rollout --subject-seeds 8000-8011 --fine-bundle runs/dagger_fine/iter_3/bundle.pt``
 """
 
 from __future__ import annotations
