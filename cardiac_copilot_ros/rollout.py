@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -233,11 +234,44 @@ def run_episodes(seeds: Sequence[int], planes: Sequence[str], coarse: Predictor,
             for k in range(int(episodes_per_plane)):
                 rng = np.random.default_rng((int(seed), int(s), p_index, k))
                 res = run_episode(renderer, plane, coarse, fine, cfg, rng)
-                res.subject_seed = int(s)
                 out.append(res)
                 if progress is not None:
                     progress(res)
     return out
+
+
+def load_runtimes(coarse: str | Path, fine: str | Path | None = None, threads: int = 0) -> tuple[Any, Any]:
+    """The coarse (and fine, or None) :class:`..runtime.GuidanceRuntime` for rollouts: TorchScript engine,
+    ``threads`` torch threads (0: torch's default), one warm-up frame."""
+    from .runtime import GuidanceRuntime
+
+    kw: dict[str, Any] = dict(engine="torch", num_threads=threads or None, warmup=1)
+    return GuidanceRuntime(coarse, **kw), (GuidanceRuntime(fine, **kw) if fine else None)
+
+
+class EpisodeProgress:
+    """A ``progress`` callback of :func:`run_episodes`: a tqdm bar over episodes with the successes so far
+    (or nothing when not ``enabled``); call :meth:`close` at the end."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True) -> None:
+        self.bar = None
+        if enabled:
+            import sys
+
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="episode", dynamic_ncols=True, file=sys.stderr)
+        self.ok = 0
+
+    def __call__(self, res: RolloutResult) -> None:
+        self.ok += res.success()
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(success=f"{self.ok}/{self.bar.n}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float] | None:

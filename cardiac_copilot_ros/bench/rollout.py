@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..cli import key_value_arg
-from .closed_loop import parse_seeds
+from .closed_loop import fine_bundle_for, parse_seeds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,34 +64,22 @@ def run(args: argparse.Namespace) -> int:
         if args.episodes_per_plane < 1:
             raise ValueError("--episodes-per-plane must be >= 1")
         configs = {m: rollout.RolloutConfig.from_overrides({**dict(args.rollout_set), "mode": m}) for m in modes}
-        coarse_path = args.bundle or str(runtime.default_model_path())
-        fine_path = args.fine_bundle
-        if fine_path is None and args.bundle is None:
-            default_fine = runtime.default_fine_model_path()
-            fine_path = str(default_fine) if default_fine else None
-        fine_path = None if fine_path in (None, "", "none") else fine_path
-        kw = dict(engine="torch", num_threads=args.threads or None, warmup=1)
-        coarse = runtime.GuidanceRuntime(coarse_path, **kw)
-        fine = runtime.GuidanceRuntime(fine_path, **kw) if fine_path else None
+        coarse_path = Path(args.bundle or runtime.default_model_path())
+        fine_path = fine_bundle_for(args.fine_bundle, args.bundle is None, coarse_path)
+        coarse, fine = rollout.load_runtimes(coarse_path, fine_path, args.threads)
     except (ValueError, FileNotFoundError, BundleError) as exc:
         print(f"bench rollout: {exc}", file=sys.stderr)
         return 2
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        total = len(modes) * len(args.subject_seeds) * len(coarse.planes) * args.episodes_per_plane
-        bar = tqdm(total=total, desc="bench rollout", unit="episode", dynamic_ncols=True, file=sys.stderr)
+    total = len(modes) * len(args.subject_seeds) * len(coarse.planes) * args.episodes_per_plane
+    bar = rollout.EpisodeProgress(total, "bench rollout", not args.quiet)
     t0 = time.monotonic()
     results = {}
     try:
         for mode, cfg in configs.items():
             results[mode] = rollout.run_episodes(args.subject_seeds, coarse.planes, coarse, fine, cfg, seed=args.seed,
-                                                 episodes_per_plane=args.episodes_per_plane,
-                                                 progress=(lambda _r: bar.update(1)) if bar is not None else None)
+                                                 episodes_per_plane=args.episodes_per_plane, progress=bar)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     elapsed = time.monotonic() - t0
     summaries = {m: rollout.summarize(r) for m, r in results.items()}
     n = sum(len(r) for r in results.values())
@@ -100,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
           f"{n} episodes in {elapsed:.0f} s ({n / max(elapsed, 1e-9):.1f} episodes/s)")
     print(format_table(summaries))
     if args.json:
-        doc = {"bundle": coarse_path, "fine_bundle": fine_path, "subject_seeds": args.subject_seeds,
+        doc = {"bundle": str(coarse_path), "fine_bundle": None if fine_path is None else str(fine_path),
+               "subject_seeds": args.subject_seeds,
                "config": {m: asdict(c) for m, c in configs.items()}, "modes": summaries,
                "episodes": {m: [e.summary() for e in r] for m, r in results.items()}}
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -212,13 +212,14 @@ class SimFrameDataset(Dataset):
             raise ValueError("no subject seeds")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError("duplicate subject seeds")
-        check_disjoint(self.seeds, **{k: list(v) for k, v in (held_out or {}).items()})
+        held = {k: list(v) for k, v in (held_out or {}).items()}
+        check_disjoint(self.seeds, **held)
         if cache is not None:
             cache_subjects = getattr(cache, "subject_seeds", None)
             if cache_subjects is not None:
-                check_disjoint(cache_subjects, **{k: list(v) for k, v in (held_out or {}).items()})
+                check_disjoint(cache_subjects, **held)
         if states is not None and len(states):
-            check_disjoint(set(states.seed.tolist()), **{k: list(v) for k, v in (held_out or {}).items()})
+            check_disjoint(set(states.seed.tolist()), **held)
         mix = dict(MIX if mix is None else mix)
         unknown = set(mix) - set(MIX)
         if unknown:

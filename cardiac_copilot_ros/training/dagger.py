@@ -100,35 +100,6 @@ def _mix_with_dagger(mix: dict[str, float], weight: float) -> str:
     return ",".join(f"{k}={v:.4g}" for k, v in parts.items())
 
 
-class _Progress:
-    """A tqdm bar over episodes (or nothing)."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="episode", dynamic_ncols=True, file=sys.stderr)
-        self.ok = 0
-
-    def __call__(self, res: Any) -> None:
-        self.ok += res.success()
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(success=f"{self.ok}/{self.bar.n}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def _runtimes(coarse: str, fine: str | None, threads: int) -> tuple[Any, Any]:
-    from cardiac_copilot_ros.runtime import GuidanceRuntime
-
-    kw = dict(engine="torch", num_threads=threads or None, warmup=1)
-    return GuidanceRuntime(coarse, **kw), (GuidanceRuntime(fine, **kw) if fine else None)
-
-
 def _rollout_config(args: argparse.Namespace, noise: bool) -> Any:
     from cardiac_copilot_ros import rollout
 
@@ -141,9 +112,9 @@ def _rollouts(seeds: list[int], coarse: str, fine: str | None, args: argparse.Na
               episodes: int, noise: bool, desc: str) -> list[Any]:
     from cardiac_copilot_ros import rollout
 
-    c, f = _runtimes(coarse, fine, args.threads)
+    c, f = rollout.load_runtimes(coarse, fine, args.threads)
     cfg = _rollout_config(args, noise)
-    bar = _Progress(len(seeds) * len(c.planes) * episodes, desc, not args.no_progress)
+    bar = rollout.EpisodeProgress(len(seeds) * len(c.planes) * episodes, desc, not args.no_progress)
     try:
         return rollout.run_episodes(seeds, c.planes, c, f, cfg, seed=seed, episodes_per_plane=episodes,
                                     progress=bar)
@@ -213,6 +184,7 @@ def dagger(args: argparse.Namespace) -> dict[str, Any]:
              "val": _validation(out / "iter_0_val.json", coarse, fine, args, "iteration 0")["summary"]}]
     init = args.init
     states: list[Path] = []
+    n_states = 0
     train_seeds = split_seeds("train", args.subjects)
     for k in range(1, args.iterations + 1):
         it = out / f"iter_{k}"
@@ -232,6 +204,7 @@ def dagger(args: argparse.Namespace) -> dict[str, Any]:
                   f"rollout success {rollout.summarize(results)['success_rate']:.0%} on training subjects",
                   file=sys.stderr)
         states.append(states_path)
+        n_states += len(VisitedStates.load(str(states_path)))
         run_dir = it / "train"
         if not (run_dir / ".done").is_file():
             _train(run_dir, args, init, states)
@@ -244,7 +217,6 @@ def dagger(args: argparse.Namespace) -> dict[str, Any]:
         else:
             coarse = str(bundle)
         val = _validation(it / "val.json", coarse, fine, args, f"iteration {k}")
-        n_states = len(VisitedStates.load([str(p) for p in states]))
         rows.append({"iteration": k, "bundle": str(bundle), "states": n_states, "val": val["summary"]})
         init = str(run_dir)
     best = max(rows, key=lambda r: (r["val"]["success_rate"], -r["val"]["median_final_error_mm"]))
