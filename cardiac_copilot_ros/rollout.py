@@ -24,7 +24,12 @@ What runs per frame, as in ``guidance_node`` (fused mode) and ``servo_node``:
    the probe steps sideways (probe x, the sign alternating per attempt) and holds still for
    ``verify_settle_frames`` frames; the check passes when the implied target moved less than
    ``verify_tolerance_mm`` / ``verify_tolerance_deg`` over the step, and the loop then converges again;
-   after ``verify_attempts`` failed checks the episode ends unconverged (the servo's honest "not reached").
+   after ``verify_attempts`` failed checks the episode ends unconverged (the servo's honest "not reached");
+6. or (``survey_poses`` > 0) the servo's final-approach survey (:mod:`..final_approach`): at the first
+   convergence the probe visits the survey poses around the resting pose, holds each for
+   ``survey_settle_frames`` and reads the implied target for ``survey_read_frames``; it then moves to
+   the robust mean of the per-pose targets, converged if they scatter less than ``survey_tolerance_mm``
+   / ``_deg``, else a new survey there (``survey_attempts`` in all), then it stays there unconverged.
 
 This is a model of the loop, not the loop: no latency, no acceleration limits, no low-pass filter. The
 numbers it gives rank models; ``bench closed-loop`` measures them (validation subjects 8000-8011, 224 px,
@@ -43,6 +48,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .coarse_to_fine import StageConfig, StageSelector
+from .final_approach import SURVEY_SIZES, survey_offsets, survey_target
 from .pose import action_to_matrix, pose_error, relative_action
 from .target_fusion import FusionConfig, TargetFusion, pose_residual
 
@@ -80,6 +86,15 @@ class RolloutConfig:
     verify_tolerance_mm: float = 4.0    # the implied target may move this much over the step ...
     verify_tolerance_deg: float = 4.0   # ... (the servo's 0.004 m / 0.07 rad)
     verify_attempts: int = 2        # failed checks before giving up
+    survey_poses: int = 0           # final-approach survey (final_approach.py): poses around the resting pose;
+    #                                 0 = off, else one of final_approach.SURVEY_SIZES (replaces the verify check)
+    survey_step_mm: float = 6.0     # survey offsets: +- this on x and y (z: a third) ...
+    survey_step_deg: float = 6.0    # ... and +- this on roll, pitch and yaw
+    survey_settle_frames: int = 3   # frames at each survey pose before its guidance is read ...
+    survey_read_frames: int = 3     # ... and frames read there
+    survey_tolerance_mm: float = 3.0    # "reached" only if the surveyed estimates scatter less than this ...
+    survey_tolerance_deg: float = 3.0   # ... (root mean square about their mean)
+    survey_attempts: int = 2        # surveys (each around the previous surveyed target) before giving up
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any], base: RolloutConfig | None = None) -> RolloutConfig:
@@ -93,7 +108,8 @@ class RolloutConfig:
     def validate(self) -> RolloutConfig:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        for name in ("steps", "stop_frames", "render_size", "verify_settle_frames", "verify_attempts"):
+        for name in ("steps", "stop_frames", "render_size", "verify_settle_frames", "verify_attempts",
+                     "survey_read_frames", "survey_attempts"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1")
         for name in ("frame_dt_s", "gain", "max_step_mm", "max_step_deg", "stop_mm", "stop_deg",
@@ -103,6 +119,11 @@ class RolloutConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {v}")
         if not (0 <= self.verify_step_mm <= 30 and self.verify_tolerance_mm > 0 and self.verify_tolerance_deg > 0):
             raise ValueError("verify_step_mm must be in [0, 30] and the verify tolerances > 0")
+        if self.survey_poses and self.survey_poses not in SURVEY_SIZES:
+            raise ValueError(f"survey_poses must be 0 or one of {SURVEY_SIZES}, got {self.survey_poses}")
+        if not (0 < self.survey_step_mm <= 20 and 0 < self.survey_step_deg <= 20 and self.survey_settle_frames >= 0
+                and self.survey_tolerance_mm > 0 and self.survey_tolerance_deg > 0):
+            raise ValueError("survey_step_mm/deg must be in (0, 20], survey_settle_frames >= 0, survey tolerances > 0")
         if not (0 <= self.noise_mm < 50 and 0 <= self.noise_deg < 50):
             raise ValueError("noise_mm and noise_deg must be in [0, 50)")
         return self
@@ -119,7 +140,8 @@ class RolloutResult:
     rotation_deg: float
     converged: bool                     # the guidance stayed small (the servo would stop)
     frames: int
-    verify: str = ""                    # final-approach check: "" (off), "passed", "failed"
+    verify: str = ""                    # final-approach check or survey: "" (off), "passed", "failed"
+    survey_spread: list[float] = field(default_factory=list)   # last survey's scatter (mm, deg), if any
     #: (frames, 6): offset of every pose a frame was taken at, from the target (pose = target @ U(offset))
     offsets: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 6)))
     #: (frames,): the stage whose model guided at that frame ("coarse" / "fine")
@@ -167,6 +189,8 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
     verify, failures = "", 0
     hold = 0                            # frames still to hold after a check's step
     before: np.ndarray | None = None    # implied target when the check started
+    survey: dict[str, Any] | None = None   # the final-approach survey in progress
+    survey_spread: list[float] = []
     t = float(rng.uniform(0.0, 1.0))   # heartbeat phase at the start
     for _ in range(cfg.steps):
         stage = stages.stage if use_fine else "coarse"
@@ -183,6 +207,30 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
         else:
             guidance = np.asarray(pred.action, np.float64)
         t += cfg.frame_dt_s
+        if survey is not None:   # the final-approach survey: hold at each pose, read, move to the next
+            survey["left"] -= 1
+            if survey["left"] < cfg.survey_read_frames:
+                survey["reads"].append(T @ action_to_matrix(guidance))
+            if survey["left"] > 0:
+                continue
+            survey["estimates"].append(survey_target(survey["reads"]).T_mm)
+            survey["k"] += 1
+            if survey["k"] < len(survey["offsets"]):
+                T = survey["centre"] @ action_to_matrix(survey["offsets"][survey["k"]])
+                survey["left"], survey["reads"] = cfg.survey_settle_frames + cfg.survey_read_frames, []
+                continue
+            st = survey_target(survey["estimates"])
+            T, survey_spread, survey = st.T_mm, [st.spread_mm, st.spread_deg], None
+            if st.spread_mm <= cfg.survey_tolerance_mm and st.spread_deg <= cfg.survey_tolerance_deg:
+                verify, converged = "passed", True
+                break
+            failures += 1
+            if failures >= cfg.survey_attempts:
+                verify = "failed"
+                break
+            survey = _start_survey(T, cfg)
+            T = survey["centre"] @ action_to_matrix(survey["offsets"][0])
+            continue
         if hold:   # the final-approach check: still at the stepped pose while the estimate settles
             hold -= 1
             if hold == 0:
@@ -197,6 +245,10 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
             continue
         small = (np.linalg.norm(guidance[:3]) <= cfg.stop_mm and np.linalg.norm(guidance[3:]) <= cfg.stop_deg)
         calm = calm + 1 if small else 0
+        if calm >= cfg.stop_frames and cfg.survey_poses:
+            survey = _start_survey(T, cfg)
+            T = survey["centre"] @ action_to_matrix(survey["offsets"][0])
+            continue
         if calm >= cfg.stop_frames:
             if cfg.verify_step_mm <= 0 or verify == "passed":
                 converged = True
@@ -215,7 +267,13 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
                          start_offset=[float(v) for v in o0], translation_mm=float(err_mm),
                          rotation_deg=float(err_deg), converged=converged, frames=len(offsets),
                          offsets=np.asarray(offsets, np.float64).reshape(-1, 6), stages=stage_log,
-                         verify=verify)
+                         verify=verify, survey_spread=survey_spread)
+
+
+def _start_survey(centre: np.ndarray, cfg: RolloutConfig) -> dict[str, Any]:
+    return {"centre": centre, "k": 0, "estimates": [], "reads": [],
+            "left": cfg.survey_settle_frames + cfg.survey_read_frames,
+            "offsets": survey_offsets(cfg.survey_poses, cfg.survey_step_mm, cfg.survey_step_deg)}
 
 
 def run_episodes(seeds: Sequence[int], planes: Sequence[str], coarse: Predictor, fine: Predictor | None = None,

@@ -33,6 +33,18 @@ step. A guidance that describes a target standing still gives the same target; o
 with the probe (a fixed point of the model) does not: then no "plane reached" (at most
 ``verify_attempts`` tries per enable), and the reason says by how much it moved.
 
+Optional final-approach survey (``survey_poses`` > 0, off by default; it replaces the check): a model
+whose fixed point has a local bias is caught by neither test. At the first convergence the servo visits
+``survey_poses`` poses around the resting pose (:func:`..final_approach.survey_offsets`: +-``survey_step_m``
+along probe x and y, a third of it along z, +-``survey_step_rad`` about each axis, every axis on both
+sides equally often), holds each for ``survey_settle_s``, reads the target the guidance implies there for
+``survey_read_s``, then servoes the probe (pose control, gain ``survey_gain``) to the robust mean of those
+targets and holds it. "Plane reached" there if the per-pose targets scatter less than
+``survey_tolerance_m`` / ``_rad``; otherwise a new survey around the mean (``survey_attempts`` per
+enable), then it holds the mean without reporting reached. The guidance's target moving more than
+``survey_release_m`` / ``_rad`` from the held one (the patient moved, the plane changed), a guidance
+timeout or a confidence-gate pause ends the hold: the servo follows the guidance again.
+
 Everything is driven by explicit times (seconds on any monotonic clock, e.g. the node's ROS
 clock), so the same object runs inside the ROS node, in tests and in a closed-loop benchmark:
 ``controller.step(now_s, guidance, probe_pose)`` returns the :class:`ServoCommand` to publish.
@@ -47,6 +59,7 @@ from enum import Enum
 
 import numpy as np
 
+from .final_approach import SURVEY_SIZES, survey_offsets, survey_target
 from .pose import rotation_to_rotvec, rotvec_to_rotation
 
 STOP_MODES = ("immediate", "ramp")
@@ -109,6 +122,17 @@ class ServoConfig:
     verify_tolerance_rad: float = 0.07    # ... and this much [rad] over the step
     verify_settle_s: float = 0.5          # still after the step before the guidance is read [s]
     verify_attempts: int = 2              # failed checks per enable before giving up ("not reached")
+    survey_poses: int = 0                 # final-approach survey: poses read around the resting pose; 0 = off
+    survey_step_m: float = 0.006          # survey offsets: +- this on probe x and y (z: a third) ...
+    survey_step_rad: float = 0.105        # ... and +- this (6 deg) about each probe axis
+    survey_settle_s: float = 0.3          # still at each survey pose before the guidance is read [s] ...
+    survey_read_s: float = 0.3            # ... and read for this long [s]
+    survey_gain: float = 2.0              # [1/s] gain of the moves between survey poses and to the surveyed target
+    survey_tolerance_m: float = 0.003     # "plane reached" only if the surveyed estimates scatter less than this ...
+    survey_tolerance_rad: float = 0.052   # ... (root mean square about their robust mean; 3 deg)
+    survey_attempts: int = 1              # surveys per enable (each around the last surveyed target)
+    survey_release_m: float = 0.01        # holding at the surveyed target ends when the guidance's target ...
+    survey_release_rad: float = 0.17      # ... lies this far from it (the patient or the plane moved)
 
     @property
     def control_period_s(self) -> float:
@@ -140,6 +164,15 @@ class ServoConfig:
             raise ValueError(f"verify_attempts must be an integer >= 1, got {self.verify_attempts!r}")
         if self.converge_min_samples < 2 or int(self.converge_min_samples) != self.converge_min_samples:
             raise ValueError(f"converge_min_samples must be an integer >= 2, got {self.converge_min_samples!r}")
+        for name in ("survey_attempts", "survey_poses"):
+            if int(getattr(self, name)) != getattr(self, name):
+                raise ValueError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.survey_poses and self.survey_poses not in SURVEY_SIZES:
+            raise ValueError(f"survey_poses must be 0 (off) or one of {SURVEY_SIZES}, got {self.survey_poses!r}")
+        if self.survey_poses and min(self.survey_step_m, self.survey_step_rad, self.survey_gain,
+                                     self.survey_read_s, self.survey_attempts) <= 0:
+            raise ValueError("with survey_poses > 0, survey_step_m, survey_step_rad, survey_gain, survey_read_s "
+                             "and survey_attempts must be > 0")
         if self.stop_mode not in STOP_MODES:
             raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {self.stop_mode!r}")
         return self
@@ -202,6 +235,8 @@ class ServoCounters:
     unstable_holds: int = 0   # within tolerance for the hold time, but the guidance was not stable
     verify_passed: int = 0    # final-approach checks: the implied target stood still
     verify_failed: int = 0    # ... it moved with the probe (or the probe could not move)
+    surveys_passed: int = 0   # final-approach surveys whose estimates agreed ("plane reached" at their mean)
+    surveys_failed: int = 0   # ... whose estimates scattered beyond the tolerance
     output_nonfinite: int = 0
     commands: int = 0
 
@@ -286,6 +321,9 @@ class ServoController:
         self._verified_T: np.ndarray | None = None  # implied target that passed the check
         self._verify_failures = 0
         self.verify_result = ""
+        self._survey: dict | None = None          # final-approach survey in progress or its result held
+        self._survey_failures = 0
+        self.survey_result = ""
         # pose
         self._pose_T: np.ndarray | None = None
         self._pose_recv_s = -math.inf
@@ -436,6 +474,7 @@ class ServoController:
         self._within_since_s, self._converged = None, False
         self._history.clear()
         self._verify, self._verified_T, self._verify_failures, self.verify_result = None, None, 0, ""
+        self._survey, self._survey_failures, self.survey_result = None, 0, ""
         self._timed_out = True
         self._set_state(ServoState.TIMEOUT, "enabled, waiting for fresh guidance")
         return True, "enabled"
@@ -518,14 +557,14 @@ class ServoController:
             self._filt_lin = self._filt_ang = None
             self._within_since_s = None
             self._leave_plane(events)
-            self._verify = None
+            self._verify = self._survey = None
             self._set_state(ServoState.TIMEOUT, "no fresh guidance" if self._g_lin is not None
                             else "enabled, waiting for fresh guidance")
         elif not self._gate_open:
             self._timed_out = False
             self._within_since_s = None
             self._leave_plane(events)
-            self._verify = None
+            self._verify = self._survey = None
             self._set_state(ServoState.PAUSED, "guidance jumped beyond the confidence gate; "
                             f"waiting for {cfg.gate_settle_frames} consistent frames")
         else:
@@ -539,7 +578,9 @@ class ServoController:
                 self._filt_ang = self._filt_ang + alpha * (self._g_ang - self._filt_ang)
             lin_err, ang_err = _norm(self._filt_lin), _norm(self._filt_ang)
             unstable = self._stability(now_s)
-            if self._verify is not None:
+            if self._survey is not None:
+                pass  # the final-approach survey drives the probe (below)
+            elif self._verify is not None:
                 pass  # the final-approach check drives the probe (below)
             elif self._converged:
                 f = cfg.converge_release_factor
@@ -565,12 +606,16 @@ class ServoController:
                         events.append("plane_reached")
                     elif why_not == "start":
                         self._start_verify(now_s)
+                    elif why_not == "survey":
+                        self._start_survey(now_s, self._pose_T)
                     else:
                         unstable = why_not
                 elif held and not self._unstable_counted:
                     self.counters.unstable_holds += 1
                 self._unstable_counted = bool(held and unstable)
-            if self._verify is not None:
+            if self._survey is not None:
+                target_lin, target_ang = self._survey_command(now_s, events)
+            elif self._verify is not None:
                 target_lin, target_ang = self._verify_command(now_s)
             elif self._converged:
                 self._set_state(ServoState.CONVERGED,
@@ -633,6 +678,10 @@ class ServoController:
     def _verification_needed(self, now_s: float) -> str:
         """"" = reached may be reported; "start" = run the check now; else why not reached."""
         cfg = self.config
+        if cfg.survey_poses and self._pose_T is not None:
+            if self._survey_failures >= cfg.survey_attempts:
+                return f"final-approach survey failed {self._survey_failures} time(s): {self.survey_result}"
+            return "survey"
         if cfg.verify_step_m <= 0 or self._pose_T is None:
             return ""
         assert self._filt_lin is not None and self._filt_ang is not None
@@ -700,6 +749,104 @@ class ServoController:
         self._set_state(ServoState.ACTIVE, f"final-approach check {self.verify_result}")
         return zero
 
+    # ------------------------------------------------------------------ final-approach survey
+    def _start_survey(self, now_s: float, centre: np.ndarray | None) -> None:
+        cfg = self.config
+        assert centre is not None
+        offsets = survey_offsets(int(cfg.survey_poses), cfg.survey_step_m * 1000.0,
+                                 math.degrees(cfg.survey_step_rad))
+        goals = []
+        for o in offsets:
+            U = np.eye(4)
+            U[:3, :3] = rotvec_to_rotation(np.radians(o[3:]))
+            U[:3, 3] = o[:3]
+            goals.append(centre @ U)
+        self._survey = {"phase": "move", "t": now_s, "k": 0, "goals": goals, "reads": [], "estimates": [],
+                        "last_read_s": -math.inf, "target": None, "passed": False}
+        self._within_since_s = None
+
+    def _pose_command(self, goal_T: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Command toward ``goal_T`` (probe frame, gain ``survey_gain``, speed limits) and the distance [mm, rad]."""
+        cfg = self.config
+        assert self._pose_T is not None
+        rel = np.linalg.solve(self._pose_T, goal_T)
+        lin, ang = rel[:3, 3] / 1000.0, rotation_to_rotvec(rel[:3, :3])
+        return (clamp_norm(cfg.survey_gain * lin, cfg.max_linear_speed_mps),
+                clamp_norm(cfg.survey_gain * ang, cfg.max_angular_speed_rps), _norm(lin) * 1000.0, _norm(ang))
+
+    def _survey_command(self, now_s: float, events: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Drive the survey: visit each pose, settle, read the target the guidance implies there; then go to
+        the robust mean of those targets and hold it, "plane reached" if they agreed."""
+        cfg, v = self.config, self._survey
+        assert v is not None and self._pose_T is not None and self._g_lin is not None and self._g_ang is not None
+        zero = (np.zeros(3), np.zeros(3))
+        n = len(v["goals"])
+        if v["phase"] == "move":
+            lin, ang, d_mm, d_rad = self._pose_command(v["goals"][v["k"]])
+            if (d_mm < 1.0 and d_rad < 0.02) or now_s - v["t"] > 4.0:
+                v["phase"], v["t"] = "read", now_s
+                return zero
+            self._set_state(ServoState.ACTIVE, f"final-approach survey: moving to pose {v['k'] + 1} of {n}")
+            return lin, ang
+        if v["phase"] == "read":
+            if now_s - v["t"] >= cfg.survey_settle_s and self._g_recv_s > v["last_read_s"]:
+                v["reads"].append(self._implied_target(self._g_lin, self._g_ang))
+                v["last_read_s"] = self._g_recv_s
+            if now_s - v["t"] < cfg.survey_settle_s + cfg.survey_read_s or not v["reads"]:
+                self._set_state(ServoState.ACTIVE, f"final-approach survey: reading the target at pose "
+                                f"{v['k'] + 1} of {n}")
+                return zero
+            v["estimates"].append(survey_target(v["reads"]).T_mm)
+            v["reads"], v["k"], v["t"] = [], v["k"] + 1, now_s
+            if v["k"] < n:
+                v["phase"] = "move"
+                return zero
+            st = survey_target(v["estimates"])
+            v["target"], v["phase"] = st.T_mm, "goto"
+            v["passed"] = st.spread_mm <= cfg.survey_tolerance_m * 1000.0 and \
+                math.radians(st.spread_deg) <= cfg.survey_tolerance_rad
+            self.survey_result = (("passed" if v["passed"] else "failed")
+                                  + f": the {n} estimates scatter {st.spread_mm:.1f} mm / {st.spread_deg:.1f} deg "
+                                  f"(tolerance {cfg.survey_tolerance_m * 1000:.1f} mm / "
+                                  f"{math.degrees(cfg.survey_tolerance_rad):.1f} deg)")
+            if v["passed"]:
+                self.counters.surveys_passed += 1
+            else:
+                self.counters.surveys_failed += 1
+                self._survey_failures += 1
+        # goto / hold: servo on the surveyed target; leave when the guidance's target moves far from it
+        lin, ang, d_mm, d_rad = self._pose_command(v["target"])
+        if self._filt_lin is not None and self._filt_ang is not None:
+            away_mm, away_rad = _pose_diff(self._implied_target(self._filt_lin, self._filt_ang), v["target"])
+            if away_mm > cfg.survey_release_m * 1000.0 or away_rad > cfg.survey_release_rad:
+                self._survey = None
+                self._leave_plane(events)
+                self._survey_failures = 0
+                self._filt_lin = self._filt_ang = None
+                self._set_state(ServoState.ACTIVE, f"the target moved {away_mm:.1f} mm / {math.degrees(away_rad):.1f} "
+                                "deg from the surveyed one: following the guidance again")
+                return zero
+        there = d_mm < cfg.converge_linear_m * 1000.0 and d_rad < cfg.converge_angular_rad
+        if v["phase"] == "goto" and there:
+            v["phase"] = "hold"
+            if v["passed"]:
+                self._converged = True
+                self.counters.converged += 1
+                events.append("plane_reached")
+            elif self._survey_failures < cfg.survey_attempts:
+                self._start_survey(now_s, v["target"])
+                return zero
+        if v["phase"] == "hold" and v["passed"]:
+            self._set_state(ServoState.CONVERGED, f"plane reached at the surveyed target ({d_mm:.1f} mm, "
+                            f"{math.degrees(d_rad):.1f} deg from it); survey {self.survey_result}")
+        elif v["phase"] == "hold":
+            self._set_state(ServoState.ACTIVE, "holding at the surveyed target, not reached: final-approach survey "
+                            f"{self.survey_result}")
+        else:
+            self._set_state(ServoState.ACTIVE, f"final-approach survey {self.survey_result}; moving to the surveyed "
+                            f"target ({d_mm:.1f} mm, {math.degrees(d_rad):.1f} deg away)")
+        return lin, ang
+
     def _leave_plane(self, events: list[str]) -> None:
         """Guidance lost or jumped (e.g. the target estimate was reset): "plane reached" no longer holds."""
         if self._converged and not self.config.converge_latch:
@@ -751,6 +898,7 @@ class ServoController:
                                           or not math.isfinite(self._target_spread[2])
                                           else round(self._target_spread[2], 6)),
             "final_approach_check": self.verify_result or None,
+            "final_approach_survey": self.survey_result or None,
             "travel_m": round(self.travel_m, 6),
             "rotation_rad": round(self.rotation_rad, 6),
             "counters": self.counters.as_dict(),

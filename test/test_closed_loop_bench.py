@@ -118,6 +118,11 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "fine bundle not found" in capsys.readouterr().err
     assert clb.run(_parse(["--servo-params", "gain_linaer=2"])) == 2
     assert "gain_linaer" in capsys.readouterr().err
+    assert clb.run(_parse(["--servo-params", "survey_poses=4.5"])) == 2
+    assert "must be an integer" in capsys.readouterr().err
+    # integer servo parameters reach servo_node as integers (it declares them INTEGER), the rest as floats
+    assert clb._as_servo_type("survey_poses", 4.0) == 4 and isinstance(clb._as_servo_type("survey_poses", 4.0), int)
+    assert isinstance(clb._as_servo_type("verify_step_m", 0.0), float)
     assert clb.run(_parse(["--subject-seeds", "1,2", "--episodes", "2"])) == 2
     assert "not both" in capsys.readouterr().err
 

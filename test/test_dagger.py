@@ -114,6 +114,48 @@ def test_rollout_final_approach_check_passes_true_motion_and_refuses_a_model_tha
         rollout.RolloutConfig(verify_step_mm=-1.0).validate()
 
 
+class BumpModel:
+    """The true remaining motion plus a local bias: near the pose ``bump_mm`` off the target (probe x) the
+    implied target is the probe's own pose (a spurious fixed point); a few mm away the bias fades."""
+
+    planes = PLANES
+
+    def __init__(self, renderer: PoseRecordingRenderer, bump_mm: float = 4.0, width_mm: float = 2.5) -> None:
+        self.renderer, self.bump, self.width = renderer, bump_mm, width_mm
+
+    def predict(self, frame, plane=None, refine=None) -> Prediction:
+        target = self.renderer.subject.target_pose(plane)
+        T = self.renderer.last_pose
+        centre = (target @ action_to_matrix([self.bump, 0, 0, 0, 0, 0]))[:3, 3]
+        w = float(np.exp(-np.sum((T[:3, 3] - centre) ** 2) / (2 * self.width ** 2)))
+        implied = target.copy()
+        implied[:3, 3] += w * (T[:3, 3] - target[:3, 3])
+        return Prediction(action=relative_action(T, implied), plane=plane, refined=False, action_scale=np.ones(6))
+
+
+def test_rollout_final_approach_survey_moves_off_a_local_fixed_point():
+    """The servo's survey in the rollout: without it the loop rests on the fixed point 4 mm off; with a
+    4-pose survey the mean of the targets read around it is the true one (reached, survey states visited)."""
+    r = PoseRecordingRenderer(20007)
+    start = [4.0, 0.0, 0.0, 0.0, 0.0, 0.0]   # on the fixed point
+    plain = rollout.run_episode(r, "PLAX", BumpModel(r), config=rollout.RolloutConfig(render_size=32),
+                                rng=np.random.default_rng(5), start_offset=start)
+    assert plain.converged and abs(plain.translation_mm - 4.0) < 0.5
+    cfg = rollout.RolloutConfig(render_size=32, survey_poses=4, steps=120)
+    res = rollout.run_episode(r, "PLAX", BumpModel(r), config=cfg, rng=np.random.default_rng(5), start_offset=start)
+    assert res.verify == "passed" and res.converged and res.translation_mm < 1.5
+    assert len(res.survey_spread) == 2 and res.survey_spread[0] <= cfg.survey_tolerance_mm
+    # the survey poses are visited states: +-6 mm sideways around the fixed point
+    assert np.sum(np.abs(res.offsets[:, 1]) > 5.0) >= 2 * (cfg.survey_settle_frames + cfg.survey_read_frames)
+    # a survey whose targets disagree: honest, not converged (scatter tolerance far below the bias)
+    strict = dataclasses.replace(cfg, survey_tolerance_mm=0.01, survey_attempts=2)
+    res = rollout.run_episode(r, "PLAX", BumpModel(r), config=strict, rng=np.random.default_rng(5),
+                              start_offset=start)
+    assert res.verify == "failed" and not res.converged
+    with pytest.raises(ValueError, match="survey_poses"):
+        rollout.RolloutConfig(survey_poses=3).validate()
+
+
 def test_rollout_summary_and_config_checks():
     r = PoseRecordingRenderer(20004)
     model = TrueMotionModel(r)

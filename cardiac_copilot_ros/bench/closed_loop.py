@@ -314,6 +314,21 @@ def _servo_param(text: str) -> tuple[str, float | bool | str]:
         return name, value
 
 
+def _as_servo_type(name: str, value: float | bool | str) -> float | bool | str | int:
+    """``value`` as the type of the servo parameter ``name`` (an integer parameter must get an integer:
+    servo_node declares it INTEGER and refuses a DOUBLE). ValueError if it does not fit."""
+    from ..servo import ServoConfig
+
+    default = getattr(ServoConfig(), name)
+    if isinstance(default, bool) or isinstance(value, (bool, str)):
+        return value
+    if isinstance(default, int):
+        if float(value) != int(value):
+            raise ValueError(f"servo parameter {name} must be an integer, got {value!r}")
+        return int(value)
+    return float(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None, metavar="FILE",
                         help="model bundle (TorchScript .pt or ONNX .onnx); default: models/default.pt")
@@ -845,6 +860,11 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         print(f"bench closed-loop: unknown servo parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
               file=sys.stderr)
+        return 2
+    try:
+        args.servo_params = [(name, _as_servo_type(name, value)) for name, value in args.servo_params]
+    except ValueError as exc:
+        print(f"bench closed-loop: {exc}", file=sys.stderr)
         return 2
     bundle = (args.bundle or default_model_path()).expanduser()
     if not bundle.is_file():

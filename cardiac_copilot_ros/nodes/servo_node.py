@@ -115,6 +115,23 @@ _PARAMS: dict[str, tuple[str, tuple[float, float] | None]] = {
     "verify_settle_s": ("Final-approach check: hold still this long [s] after the step before reading the "
                         "guidance.", (0.0, 10.0)),
     "verify_attempts": ("Final-approach checks per enable; after this many failures: not reached.", (1, 100)),
+    "survey_poses": ("Final-approach survey before 'plane reached' (replaces the check above): read the target "
+                     "the guidance implies at this many poses around the resting pose (0 = off, or 4, 8, 12), then "
+                     "servo to their robust mean and hold it.", (0, 12)),
+    "survey_step_m": ("Survey: offset [m] of each pose along probe x and y (z: a third of it).", (0.0, 0.02)),
+    "survey_step_rad": ("Survey: offset [rad] of each pose about each probe axis.", (0.0, 0.35)),
+    "survey_settle_s": ("Survey: hold still this long [s] at each pose before reading the guidance.", (0.0, 10.0)),
+    "survey_read_s": ("Survey: read the guidance this long [s] at each pose.", (0.0, 10.0)),
+    "survey_gain": ("Survey: gain [1/s] of the moves between poses and to the surveyed target (speed limits "
+                    "apply).", (0.0, 10.0)),
+    "survey_tolerance_m": ("Survey: 'plane reached' only if the per-pose target estimates scatter less than "
+                           "this [m] (root mean square about their mean).", (0.0, 0.05)),
+    "survey_tolerance_rad": ("Survey: ... and less than this [rad].", (0.0, 1.0)),
+    "survey_attempts": ("Surveys per enable (each around the last surveyed target); then hold there, "
+                        "not reached.", (1, 100)),
+    "survey_release_m": ("While holding the surveyed target: the guidance's target farther than this [m] from "
+                         "it (the patient or the plane moved) -> follow the guidance again.", (0.0, 0.1)),
+    "survey_release_rad": ("... or rotated more than this [rad] from it.", (0.0, math.pi)),
 }
 _READ_ONLY = {"control_rate_hz", "status_period_s", "probe_frame", "base_frame"}
 

@@ -1,0 +1,128 @@
+"""The final-approach survey (cardiac_copilot_ros.final_approach, ServoController ``survey_poses``): the
+servo reads the target from poses around where the loop came to rest, goes to their robust mean, and
+reports "plane reached" only if they agreed. Fast and deterministic (a kinematic probe, no ROS)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_servo_law import CFG, published
+from test_servo_stability import KinematicSim
+
+from cardiac_copilot_ros.final_approach import SURVEY_SIZES, survey_offsets, survey_target
+from cardiac_copilot_ros.pose import action_to_matrix, rotation_to_rotvec
+from cardiac_copilot_ros.servo import ServoState
+
+TARGET = np.eye(4)
+TARGET[:3, 3] = [300.0, 0.0, 400.0]
+START = TARGET @ action_to_matrix([14.0, -6.0, 2.0, 5.0, -4.0, 3.0])
+
+
+@pytest.mark.parametrize("n", SURVEY_SIZES)
+def test_survey_design_is_balanced(n: int) -> None:
+    """Every axis is visited on both sides equally often (its first-order bias cancels in the mean)."""
+    o = survey_offsets(n, 6.0, 5.0)
+    assert o.shape == (n, 6)
+    np.testing.assert_allclose(o.mean(0), 0.0, atol=1e-12)
+    np.testing.assert_allclose(np.abs(o), np.broadcast_to([6, 6, 2, 5, 5, 5], (n, 6)))
+    assert len({tuple(np.sign(r)) for r in o}) == n   # n distinct poses
+    with pytest.raises(ValueError, match="survey size"):
+        survey_offsets(5, 6.0, 5.0)
+
+
+def test_survey_target_is_robust_and_reports_scatter() -> None:
+    rng = np.random.default_rng(0)
+    ests = [TARGET @ action_to_matrix(np.r_[rng.normal(0, 1.0, 3), rng.normal(0, 1.0, 3)]) for _ in range(11)]
+    ests.append(TARGET @ action_to_matrix([40.0, 0, 0, 30.0, 0, 0]))   # one wild estimate
+    st = survey_target(ests)
+    assert np.linalg.norm(st.T_mm[:3, 3] - TARGET[:3, 3]) < 1.5
+    assert np.degrees(np.linalg.norm(rotation_to_rotvec(st.T_mm[:3, :3] @ TARGET[:3, :3].T))) < 1.5
+    assert 2.0 < st.spread_mm < 20.0 and st.n == 12
+    assert survey_target([TARGET] * 3).spread_mm == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError):
+        survey_target([])
+    with pytest.raises(ValueError):
+        survey_target([np.full((4, 4), np.nan)])
+
+
+def _biased(target: np.ndarray, bump_mm: float = 4.0, width_mm: float = 2.5):
+    """A 'model': the true remaining motion plus a bias bump. Near target + bump (x) its implied target
+    is that pose itself (a spurious fixed point, bump_mm off); a few mm away the bias fades."""
+    centre = target[:3, 3] + target[:3, :3] @ np.array([bump_mm, 0.0, 0.0])
+
+    def model(T: np.ndarray):
+        w = float(np.exp(-np.sum((T[:3, 3] - centre) ** 2) / (2 * width_mm ** 2)))
+        implied = target.copy()
+        implied[:3, 3] = target[:3, 3] + w * (T[:3, 3] - target[:3, 3])
+        rel = np.linalg.solve(T, implied)
+        return rel[:3, 3] / 1000.0, rotation_to_rotvec(rel[:3, :3])
+    return model
+
+
+def test_survey_moves_off_a_spurious_fixed_point_and_reaches_the_plane() -> None:
+    """Without the survey the servo reports "plane reached" at the fixed point 4 mm off; with a 4-pose
+    survey it reads the target around it, goes to their mean (near the truth) and reports reached there."""
+    plain = KinematicSim(_biased(TARGET), CFG, START)
+    plain.enable()
+    assert any("plane_reached" in c.events for c in published(plain.run(12.0)))
+    assert np.linalg.norm(plain.pose.T_mm[:3, 3] - TARGET[:3, 3]) > 3.0
+
+    cfg = CFG.updated(survey_poses=4)
+    sim = KinematicSim(_biased(TARGET), cfg, START)
+    sim.enable()
+    cmds = published(sim.run(25.0))
+    assert [e for c in cmds for e in c.events].count("plane_reached") == 1
+    assert sim.ctl.state == ServoState.CONVERGED and "surveyed target" in sim.ctl.reason
+    assert np.linalg.norm(sim.pose.T_mm[:3, 3] - TARGET[:3, 3]) < 2.0
+    assert sim.ctl.counters.surveys_passed == 1 and sim.ctl.counters.surveys_failed == 0
+    assert sim.ctl.status()["final_approach_survey"].startswith("passed")
+    # the probe visited the survey poses: it moved sideways by about the survey step and back
+    assert max(abs(c.linear_mps[1]) for c in cmds) > 0.004
+
+
+def test_survey_with_scattered_estimates_never_reports_reached() -> None:
+    """Estimates that disagree from pose to pose (scatter beyond the tolerance): the servo holds at
+    their mean, never reports reached, and the status says why."""
+    def scattered(T: np.ndarray):
+        p = T[:3, 3] - TARGET[:3, 3]
+        implied = TARGET.copy()
+        implied[:3, 3] += 6.0 * np.sign(np.sin(p / 3.0))   # +-6 mm per axis, changing every 3 mm
+        rel = np.linalg.solve(T, implied)
+        return rel[:3, 3] / 1000.0, rotation_to_rotvec(rel[:3, :3])
+
+    cfg = CFG.updated(survey_poses=4, survey_attempts=2)
+    sim = KinematicSim(scattered, cfg, START)
+    sim.enable()
+    cmds = published(sim.run(40.0))
+    assert not any("plane_reached" in c.events for c in cmds)
+    assert sim.ctl.counters.surveys_failed == 2 and sim.ctl.counters.converged == 0
+    assert "not reached" in sim.ctl.reason and "scatter" in sim.ctl.reason, sim.ctl.reason
+
+
+def test_surveyed_target_is_left_when_the_target_moves() -> None:
+    """Reached at the surveyed target; the patient moves (the target jumps 30 mm): the servo leaves the
+    plane, follows the guidance again and reaches the new target after a new survey."""
+    target = {"T": TARGET.copy()}
+
+    def truth(T: np.ndarray):
+        rel = np.linalg.solve(T, target["T"])
+        return rel[:3, 3] / 1000.0, rotation_to_rotvec(rel[:3, :3])
+
+    sim = KinematicSim(truth, CFG.updated(survey_poses=4), START)
+    sim.enable()
+    first = published(sim.run(25.0))
+    assert any("plane_reached" in c.events for c in first)
+    target["T"] = TARGET @ action_to_matrix([0.0, 30.0, 0.0, 0.0, 0.0, 0.0])
+    cmds = published(sim.run(40.0))
+    events = [e for c in cmds for e in c.events]
+    assert events[0] == "plane_left" and "plane_reached" in events
+    assert sim.ctl.counters.surveys_passed == 2
+    assert np.linalg.norm(sim.pose.T_mm[:3, 3] - target["T"][:3, 3]) < 2.0
+
+
+def test_survey_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="survey_poses"):
+        CFG.updated(survey_poses=5)
+    with pytest.raises(ValueError, match="survey"):
+        CFG.updated(survey_poses=4, survey_read_s=0.0)
+    assert CFG.updated(survey_poses=8).survey_poses == 8
