@@ -116,6 +116,9 @@ class Episode:
     reached_rotation_deg: float | None = None
     false_reached: bool = False         # reached reported while beyond the success tolerance
     use_dreamer: bool | None = None
+    #: the servo's last ~/status reason before the end, and its final-approach check / survey result
+    servo_reason: str | None = None
+    final_approach: str | None = None
 
     def row(self) -> str:
         return (f"{self.mode:8s} {self.plane:8s} seed {self.subject_seed}: {self.end:10s} "
@@ -546,11 +549,13 @@ class _Graph:
 
     def _on_status(self, servo: str, msg: Any) -> None:
         try:
-            state = json.loads(msg.data).get("state")
+            status = json.loads(msg.data)
+            state = status.get("state")
         except (ValueError, AttributeError):
             return
         with self.lock:
             self.servo[servo]["state"] = state
+            self.servo[servo]["status"] = status
 
     def _on_oracle_timer(self) -> None:
         from ..nodes.conversions import action_to_twist_stamped
@@ -742,6 +747,7 @@ class _Bench:
             g.path_mm, g.recording = 0.0, True
             reached0 = g.servo[servo]["reached"]
             g.servo[servo]["state"] = None  # only states published from now on count
+            g.servo[servo]["status"] = {}
             guidance0 = g.guidance_count
         t0 = time.monotonic()
         ok, message = g.enable(servo, True)
@@ -772,6 +778,8 @@ class _Bench:
                     raise BenchError(f"{c.label} exited (code {c.proc.returncode}); log {c.log}:\n{c.tail()}")
             time.sleep(0.02)
         duration = time.monotonic() - t0
+        with g.lock:
+            last_status = dict(g.servo[servo].get("status") or {})
         g.enable(servo, False)
         time.sleep(0.3)  # zero twist delivered, last poses in
         with g.lock:
@@ -797,7 +805,9 @@ class _Bench:
             reached_rotation_deg=None if at_reached is None else at_reached[1],
             false_reached=bool(at_reached is not None and (at_reached[0] > args.success_mm
                                                            or at_reached[1] > args.success_deg)),
-            use_dreamer=None if mode == "oracle" else self.use_dreamer)
+            use_dreamer=None if mode == "oracle" else self.use_dreamer,
+            servo_reason=last_status.get("reason"),
+            final_approach=last_status.get("final_approach_survey") or last_status.get("final_approach_check"))
 
 
 def _guidance_error(predicted: np.ndarray | None, T_probe: np.ndarray, T_target: np.ndarray
