@@ -279,6 +279,13 @@ def test_dagger_command_rolls_out_retrains_validates_and_resumes(tmp_path):
                                                out / "iter_1" / "val.json")}
     assert cli.main(argv) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+    # another --rollout-set (e.g. the servo's survey) validates every iteration again under it, keeps the rest
+    survey = [*argv[:-1], "stop_mm=0.5", "survey_poses=4", "--no-progress"]
+    assert cli.main(survey) == 0
+    val = json.loads((out / "iter_1" / "val.json").read_text())
+    assert val["setting"]["rollout"]["survey_poses"] == 4 and val["setting"]["rollout"]["stop_mm"] == 0.5
+    assert json.loads((out / "iter_0_val.json").read_text())["setting"]["rollout"]["survey_poses"] == 4
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items() if p.name != "val.json")
     # bad input: a clear error, exit 2
     fine = [*argv[:2], "fine", *argv[3:6], str(tmp_path / "fine0.pt"), *argv[7:]]
     fine[fine.index(str(out))] = str(tmp_path / "d2")   # this model never gets near: no fine-stage states

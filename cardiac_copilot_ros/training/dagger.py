@@ -18,7 +18,10 @@ of its own steps. DAgger (Ross et al., 2011) closes that gap, one iteration at a
    ``iter_K/val.json``. Iteration 0 is the starting pair.
 
 Every step writes its output under ``--out`` and is skipped when that output exists, so the same
-command resumes after an interruption (a half-done training resumes from its last checkpoint). The
+command resumes after an interruption (a half-done training resumes from its last checkpoint); the same
+command with more ``--iterations`` continues a finished run, and with another ``--rollout-set`` (e.g. the
+servo's final-approach survey, ``survey_poses=4``) it rolls out the new iterations under that loop and
+validates every iteration again under it, keeping the earlier states and trainings. The
 table at the end chooses on validation (success rate, then median final error) and writes the chosen
 bundle's path to ``--out``/best.txt. Held-out test subjects (9000+) are never touched: measure the
 chosen bundle there once, with ``bench closed-loop``.
@@ -123,15 +126,24 @@ def _rollouts(seeds: list[int], coarse: str, fine: str | None, args: argparse.Na
 
 
 def _validation(path: Path, coarse: str, fine: str | None, args: argparse.Namespace, label: str) -> dict[str, Any]:
-    """Roll out a pair on the validation subjects once (cached in ``path``)."""
-    if path.is_file():
-        return json.loads(path.read_text())
+    """Roll out a pair on the validation subjects once (cached in ``path``; redone when the validation
+    settings differ from the cached ones, e.g. a resumed run with another ``--rollout-set``: the iterations
+    are then compared under the same loop)."""
+    from dataclasses import asdict
+
     from cardiac_copilot_ros import rollout
     from cardiac_copilot_ros.data.approach import split_seeds
 
+    setting = {"rollout": asdict(_rollout_config(args, noise=False)), "val_subjects": args.val_subjects,
+               "val_episodes_per_plane": args.val_episodes_per_plane, "seed": args.seed}
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        if doc.get("setting") == setting:
+            return doc
+        print(f"dagger: {path} was validated with other settings; validating {label} again", file=sys.stderr)
     results = _rollouts(split_seeds("val", args.val_subjects), coarse, fine, args, 10_000 + args.seed,
                         args.val_episodes_per_plane, noise=False, desc=f"validate {label}")
-    doc = {"coarse": coarse, "fine": fine, "summary": rollout.summarize(results),
+    doc = {"coarse": coarse, "fine": fine, "setting": setting, "summary": rollout.summarize(results),
            "episodes": [r.summary() for r in results]}
     _write_json(path, doc)
     return doc
