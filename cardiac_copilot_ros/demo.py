@@ -183,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .nodes.conversions import image_msg_to_gray, stamp_to_ns, twist_msg_to_action
+    from .nodes.lifecycle import BackgroundSpin
     from .runtime import default_fine_model_path, default_model_path
     from .sim.phantom import make_subject
     from .sim.scan import scan_seed, write_scan
@@ -274,8 +275,7 @@ def run(args: argparse.Namespace) -> int:
     node.create_subscription(TwistStamped, "/guidance", on_guidance, 10)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    spin = threading.Thread(target=executor.spin, daemon=True)
-    spin.start()
+    spin = BackgroundSpin(executor, name="demo-spin")
 
     samples: list[Sample] = []
     frames_out: list[np.ndarray] = []
@@ -330,7 +330,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         stop_process(guidance)
         stop_process(sim)
-        executor.shutdown()
+        spin.stop()
         node.destroy_node()
         rclpy.try_shutdown()
 

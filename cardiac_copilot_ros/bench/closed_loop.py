@@ -462,6 +462,8 @@ class _Graph:
         from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
         from std_msgs.msg import Bool, String
 
+        from ..nodes.lifecycle import BackgroundSpin
+
         self._rclpy = rclpy
         self.ctx = Context()
         rclpy.init(context=self.ctx)
@@ -493,8 +495,7 @@ class _Graph:
         # single-threaded: once the spin thread has joined, no callback is running (close() relies on it)
         self.executor = SingleThreadedExecutor(context=self.ctx)
         self.executor.add_node(n)
-        self._spin = threading.Thread(target=self.executor.spin, daemon=True, name="closed-loop-bench-spin")
-        self._spin.start()
+        self._spin = BackgroundSpin(self.executor, name="closed-loop-bench-spin")
 
     # -- callbacks (executor threads)
     def _on_pose(self, msg: Any) -> None:
@@ -626,8 +627,7 @@ class _Graph:
             time.sleep(0.05)
 
     def close(self) -> None:
-        self.executor.shutdown(timeout_sec=2.0)
-        self._spin.join(timeout=5.0)
+        self._spin.stop()
         self.node.destroy_node()
         self._rclpy.try_shutdown(context=self.ctx)
 

@@ -27,7 +27,6 @@ import random
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -307,6 +306,7 @@ def _publisher_main(cfg_path: str) -> int:
     from sensor_msgs.msg import Image
 
     from ..nodes import conversions as conv
+    from ..nodes.lifecycle import BackgroundSpin
 
     cfg = json.loads(Path(cfg_path).read_text())
     frames, poses, source = _render_frames(tuple(cfg["size_wh"]))
@@ -331,8 +331,7 @@ def _publisher_main(cfg_path: str) -> int:
     node.create_subscription(DiagnosticArray, "/diagnostics", on_diag, 10)
     executor = SingleThreadedExecutor()
     executor.add_node(node)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    spinner = BackgroundSpin(executor, name="bench-guidance-spin")
     msgs = [conv.gray_to_image_msg(f, 0, "us_image") for f in frames]
     period = 1.0 / float(cfg["rate_hz"])
 
@@ -394,7 +393,7 @@ def _publisher_main(cfg_path: str) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         return 130
     finally:
-        executor.shutdown()
+        spinner.stop()
         node.destroy_node()
         rclpy.try_shutdown()
 

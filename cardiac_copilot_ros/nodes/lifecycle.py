@@ -244,3 +244,29 @@ def spin_node(make_node: Callable[[], Any], name: str, args: list[str] | None = 
             rclpy.try_shutdown()
             _finish_signal_handling(installed_here)
     return 0
+
+
+class BackgroundSpin:
+    """Spin ``executor`` in a daemon thread for a tool (a bench, the demo) whose main thread does the work;
+    :meth:`stop` ends the thread first and only then shuts the executor down. (``Executor.shutdown`` while
+    another thread is inside ``spin()`` can destroy a guard condition under it: an AttributeError
+    traceback from rclpy's wait set at the end of a run.)"""
+
+    def __init__(self, executor: Any, name: str = "spin", period_s: float = 0.05) -> None:
+        import threading
+
+        self.executor = executor
+        self._stop = threading.Event()
+        self._period_s = period_s
+        self._thread = threading.Thread(target=self._run, daemon=True, name=name)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.executor.spin_once(timeout_sec=self._period_s)
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop spinning (waits for the callback running), then shut the executor down."""
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
+        self.executor.shutdown(timeout_sec=2.0)
