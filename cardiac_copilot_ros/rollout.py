@@ -215,8 +215,8 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
                 continue
             survey["estimates"].append(survey_target(survey["reads"]).T_mm)
             survey["k"] += 1
-            if survey["k"] < len(survey["offsets"]):
-                T = survey["centre"] @ action_to_matrix(survey["offsets"][survey["k"]])
+            if survey["k"] < len(survey["poses"]):
+                T = survey["poses"][survey["k"]]
                 survey["left"], survey["reads"] = cfg.survey_settle_frames + cfg.survey_read_frames, []
                 continue
             st = survey_target(survey["estimates"])
@@ -229,7 +229,7 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
                 verify = "failed"
                 break
             survey = _start_survey(T, cfg)
-            T = survey["centre"] @ action_to_matrix(survey["offsets"][0])
+            T = survey["poses"][0]
             continue
         if hold:   # the final-approach check: still at the stepped pose while the estimate settles
             hold -= 1
@@ -247,7 +247,7 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
         calm = calm + 1 if small else 0
         if calm >= cfg.stop_frames and cfg.survey_poses:
             survey = _start_survey(T, cfg)
-            T = survey["centre"] @ action_to_matrix(survey["offsets"][0])
+            T = survey["poses"][0]
             continue
         if calm >= cfg.stop_frames:
             if cfg.verify_step_mm <= 0 or verify == "passed":
@@ -271,9 +271,10 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
 
 
 def _start_survey(centre: np.ndarray, cfg: RolloutConfig) -> dict[str, Any]:
-    return {"centre": centre, "k": 0, "estimates": [], "reads": [],
-            "left": cfg.survey_settle_frames + cfg.survey_read_frames,
-            "offsets": survey_offsets(cfg.survey_poses, cfg.survey_step_mm, cfg.survey_step_deg)}
+    """A survey around ``centre``: its poses (visit ``poses[0]`` first), the per-pose reads and estimates."""
+    offsets = survey_offsets(cfg.survey_poses, cfg.survey_step_mm, cfg.survey_step_deg)
+    return {"poses": [centre @ action_to_matrix(o) for o in offsets], "k": 0, "estimates": [], "reads": [],
+            "left": cfg.survey_settle_frames + cfg.survey_read_frames}
 
 
 def run_episodes(seeds: Sequence[int], planes: Sequence[str], coarse: Predictor, fine: Predictor | None = None,

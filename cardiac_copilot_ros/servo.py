@@ -60,7 +60,7 @@ from enum import Enum
 import numpy as np
 
 from .final_approach import SURVEY_SIZES, survey_offsets, survey_target
-from .pose import rotation_to_rotvec, rotvec_to_rotation
+from .pose import action_to_matrix, rotation_to_rotvec, rotvec_to_rotation
 
 STOP_MODES = ("immediate", "ramp")
 
@@ -711,16 +711,14 @@ class ServoController:
         assert v is not None and self._pose_T is not None
         zero = (np.zeros(3), np.zeros(3))
         if v["phase"] == "move":
-            rel = np.linalg.solve(self._pose_T, v["goal"])
-            lin, ang = rel[:3, 3] / 1000.0, rotation_to_rotvec(rel[:3, :3])
-            if _norm(lin) < 0.0005 and _norm(ang) < 0.01 or now_s - v["t"] > 3.0:
+            lin, ang, d_mm, d_rad = self._pose_command(v["goal"], cfg.gain_linear, cfg.gain_angular)
+            if d_mm < 0.5 and d_rad < 0.01 or now_s - v["t"] > 3.0:
                 v["phase"], v["t"] = "settle", now_s
                 self._set_state(ServoState.ACTIVE, "final-approach check: settling after the sideways step")
                 return zero
             self._set_state(ServoState.ACTIVE, f"final-approach check: stepping {cfg.verify_step_m * 1000:.0f} mm "
                             "sideways to see whether the target estimate stands still")
-            return (clamp_norm(cfg.gain_linear * lin, cfg.max_linear_speed_mps),
-                    clamp_norm(cfg.gain_angular * ang, cfg.max_angular_speed_rps))
+            return lin, ang
         # settle: hold still, then average the raw guidance received after the settle time
         samples = [h for h in self._history if h[0] >= v["t"] + cfg.verify_settle_s]
         if now_s - v["t"] < cfg.verify_settle_s + 0.3 or len(samples) < 3:
@@ -755,24 +753,21 @@ class ServoController:
         assert centre is not None
         offsets = survey_offsets(int(cfg.survey_poses), cfg.survey_step_m * 1000.0,
                                  math.degrees(cfg.survey_step_rad))
-        goals = []
-        for o in offsets:
-            U = np.eye(4)
-            U[:3, :3] = rotvec_to_rotation(np.radians(o[3:]))
-            U[:3, 3] = o[:3]
-            goals.append(centre @ U)
+        goals = [centre @ action_to_matrix(o) for o in offsets]
         self._survey = {"phase": "move", "t": now_s, "k": 0, "goals": goals, "reads": [], "estimates": [],
                         "last_read_s": -math.inf, "target": None, "passed": False}
         self._within_since_s = None
 
-    def _pose_command(self, goal_T: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """Command toward ``goal_T`` (probe frame, gain ``survey_gain``, speed limits) and the distance [mm, rad]."""
+    def _pose_command(self, goal_T: np.ndarray, gain_linear: float,
+                      gain_angular: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """Command toward the base-frame pose ``goal_T`` (probe frame, the given gains [1/s], speed limits)
+        and the distance to it [mm, rad]."""
         cfg = self.config
         assert self._pose_T is not None
         rel = np.linalg.solve(self._pose_T, goal_T)
         lin, ang = rel[:3, 3] / 1000.0, rotation_to_rotvec(rel[:3, :3])
-        return (clamp_norm(cfg.survey_gain * lin, cfg.max_linear_speed_mps),
-                clamp_norm(cfg.survey_gain * ang, cfg.max_angular_speed_rps), _norm(lin) * 1000.0, _norm(ang))
+        return (clamp_norm(gain_linear * lin, cfg.max_linear_speed_mps),
+                clamp_norm(gain_angular * ang, cfg.max_angular_speed_rps), _norm(lin) * 1000.0, _norm(ang))
 
     def _survey_command(self, now_s: float, events: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Drive the survey: visit each pose, settle, read the target the guidance implies there; then go to
@@ -782,7 +777,7 @@ class ServoController:
         zero = (np.zeros(3), np.zeros(3))
         n = len(v["goals"])
         if v["phase"] == "move":
-            lin, ang, d_mm, d_rad = self._pose_command(v["goals"][v["k"]])
+            lin, ang, d_mm, d_rad = self._pose_command(v["goals"][v["k"]], cfg.survey_gain, cfg.survey_gain)
             if (d_mm < 1.0 and d_rad < 0.02) or now_s - v["t"] > 4.0:
                 v["phase"], v["t"] = "read", now_s
                 return zero
@@ -815,7 +810,7 @@ class ServoController:
                 self.counters.surveys_failed += 1
                 self._survey_failures += 1
         # goto / hold: servo on the surveyed target; leave when the guidance's target moves far from it
-        lin, ang, d_mm, d_rad = self._pose_command(v["target"])
+        lin, ang, d_mm, d_rad = self._pose_command(v["target"], cfg.survey_gain, cfg.survey_gain)
         if self._filt_lin is not None and self._filt_ang is not None:
             away_mm, away_rad = _pose_diff(self._implied_target(self._filt_lin, self._filt_ang), v["target"])
             if away_mm > cfg.survey_release_m * 1000.0 or away_rad > cfg.survey_release_rad:

@@ -312,7 +312,7 @@ def _servo_param(text: str) -> tuple[str, float | bool | str]:
     if value.lower() in ("true", "false"):
         return name, value.lower() == "true"
     try:
-        return name, float(value) if name != "gate_settle_frames" else int(value)
+        return name, float(value)
     except ValueError:
         return name, value
 
@@ -477,7 +477,7 @@ class _Graph:
         self.guidance_count = 0
         self.guidance: tuple[int, np.ndarray] | None = None   # latest (stamp ns, action mm/deg)
         self.oracle_target: np.ndarray | None = None   # publishing oracle guidance while set
-        self.servo: dict[str, dict[str, Any]] = {n: {"reached": 0, "state": None} for n in
+        self.servo: dict[str, dict[str, Any]] = {n: {"reached": 0, "status": None} for n in
                                                  (SERVO_NODE, ORACLE_SERVO_NODE)}
         latched = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.TRANSIENT_LOCAL)
@@ -551,11 +551,11 @@ class _Graph:
     def _on_status(self, servo: str, msg: Any) -> None:
         try:
             status = json.loads(msg.data)
-            state = status.get("state")
-        except (ValueError, AttributeError):
+        except ValueError:
+            return
+        if not isinstance(status, dict):
             return
         with self.lock:
-            self.servo[servo]["state"] = state
             self.servo[servo]["status"] = status
 
     def _on_oracle_timer(self) -> None:
@@ -695,7 +695,7 @@ class _Bench:
         g.wait_for(lambda: g.pose_count > 0, self.args.startup_timeout_s, "probe_pose", kids)
         g.wait_for(lambda: g.guidance_count > 0, self.args.startup_timeout_s, "guidance from guidance_node", kids)
         for servo in self._servos():
-            g.wait_for(lambda s=servo: g.servo[s]["state"] is not None, self.args.startup_timeout_s,
+            g.wait_for(lambda s=servo: g.servo[s]["status"] is not None, self.args.startup_timeout_s,
                        f"{servo} status", kids)
 
     def _servos(self) -> list[str]:
@@ -746,8 +746,7 @@ class _Bench:
         with g.lock:
             g.path_mm, g.recording = 0.0, True
             reached0 = g.servo[servo]["reached"]
-            g.servo[servo]["state"] = None  # only states published from now on count
-            g.servo[servo]["status"] = {}
+            g.servo[servo]["status"] = None  # only states published from now on count
             guidance0 = g.guidance_count
         t0 = time.monotonic()
         ok, message = g.enable(servo, True)
@@ -762,7 +761,7 @@ class _Bench:
             elapsed = time.monotonic() - t0
             with g.lock:
                 reached = g.servo[servo]["reached"] > reached0
-                state = g.servo[servo]["state"]
+                state = (g.servo[servo]["status"] or {}).get("state")
                 pose_now = g.pose.copy()
             if reached:
                 end, t_conv = "converged", elapsed
@@ -779,7 +778,7 @@ class _Bench:
             time.sleep(0.02)
         duration = time.monotonic() - t0
         with g.lock:
-            last_status = dict(g.servo[servo].get("status") or {})
+            last_status = dict(g.servo[servo]["status"] or {})
         g.enable(servo, False)
         time.sleep(0.3)  # zero twist delivered, last poses in
         with g.lock:
