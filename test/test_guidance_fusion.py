@@ -121,8 +121,9 @@ class Probe:
         future = self.reset.call_async(Trigger.Request())
         assert self.spin_until(future.done, 10.0) and future.result().success
 
-    def diag_after(self, pred) -> DiagnosticStatus:
-        n = len(self.diag)
+    def diag_after(self, pred, since: int | None = None) -> DiagnosticStatus:
+        """The first diagnostic status matching ``pred`` received after index ``since`` (default: from now)."""
+        n = len(self.diag) if since is None else since
         assert self.spin_until(lambda: any(pred(d) for d in self.diag[n:]), 10.0)
         return next(d for d in self.diag[n:] if pred(d))
 
@@ -234,10 +235,13 @@ def test_pose_rate_guidance_relates_the_fused_target_to_the_newest_pose(guidance
 def test_without_a_fresh_pose_fused_mode_falls_back_to_per_frame(guidance, probe: Probe,
                                                                   reference: GuidanceRuntime) -> None:
     frame = _frame(400)
+    # the fallback shows in the one diagnostics message after the frame, which may arrive while frame_at
+    # still waits for the guidance: look from before the frame was sent
+    since = len(probe.diag)
     stamp = probe.frame_at(frame, None, stamp_offset_ns=30_000_000_000)  # 30 s away from every pose
     np.testing.assert_allclose(_twist_action(probe.guidance[stamp]), reference.predict(frame, "PLAX", True).action,
                                atol=1e-3)
-    status = probe.diag_after(lambda d: _values(d).get("fused_fallback_active") == "True")
+    status = probe.diag_after(lambda d: _values(d).get("fused_fallback_active") == "True", since=since)
     assert status.level == DiagnosticStatus.WARN and "per-frame guidance" in status.message
     assert int(_values(status)["fused_fallbacks"]) >= 1
 
