@@ -128,6 +128,8 @@ class ServoConfig:
     survey_settle_s: float = 0.3          # still at each survey pose before the guidance is read [s] ...
     survey_read_s: float = 0.3            # ... and read for this long [s]
     survey_gain: float = 2.0              # [1/s] gain of the moves between survey poses and to the surveyed target
+    survey_arrive_m: float = 0.001        # a survey pose counts as reached within this [m] ...
+    survey_arrive_rad: float = 0.02       # ... and this [rad] (the read uses the pose actually reached)
     survey_tolerance_m: float = 0.003     # "plane reached" only if the surveyed estimates scatter less than this ...
     survey_tolerance_rad: float = 0.052   # ... (root mean square about their robust mean; 3 deg)
     survey_attempts: int = 1              # surveys per enable (each around the last surveyed target)
@@ -170,9 +172,10 @@ class ServoConfig:
         if self.survey_poses and self.survey_poses not in SURVEY_SIZES:
             raise ValueError(f"survey_poses must be 0 (off) or one of {SURVEY_SIZES}, got {self.survey_poses!r}")
         if self.survey_poses and min(self.survey_step_m, self.survey_step_rad, self.survey_gain,
-                                     self.survey_read_s, self.survey_attempts) <= 0:
-            raise ValueError("with survey_poses > 0, survey_step_m, survey_step_rad, survey_gain, survey_read_s "
-                             "and survey_attempts must be > 0")
+                                     self.survey_read_s, self.survey_attempts, self.survey_arrive_m,
+                                     self.survey_arrive_rad) <= 0:
+            raise ValueError("with survey_poses > 0, survey_step_m, survey_step_rad, survey_gain, survey_read_s, "
+                             "survey_attempts, survey_arrive_m and survey_arrive_rad must be > 0")
         if self.stop_mode not in STOP_MODES:
             raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {self.stop_mode!r}")
         return self
@@ -778,7 +781,8 @@ class ServoController:
         n = len(v["goals"])
         if v["phase"] == "move":
             lin, ang, d_mm, d_rad = self._pose_command(v["goals"][v["k"]], cfg.survey_gain, cfg.survey_gain)
-            if (d_mm < 1.0 and d_rad < 0.02) or now_s - v["t"] > 4.0:
+            arrived = d_mm < cfg.survey_arrive_m * 1000.0 and d_rad < cfg.survey_arrive_rad
+            if arrived or now_s - v["t"] > 4.0:
                 v["phase"], v["t"] = "read", now_s
                 return zero
             self._set_state(ServoState.ACTIVE, f"final-approach survey: moving to pose {v['k'] + 1} of {n}")

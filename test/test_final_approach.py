@@ -120,9 +120,31 @@ def test_surveyed_target_is_left_when_the_target_moves() -> None:
     assert np.linalg.norm(sim.pose.T_mm[:3, 3] - target["T"][:3, 3]) < 2.0
 
 
+def test_looser_arrival_tolerance_surveys_faster_and_still_reaches() -> None:
+    """survey_arrive_m / _rad: a survey pose counts as reached sooner; the reads use the pose actually
+    reached, so the surveyed target is as good and the whole survey takes less time."""
+    def truth(T: np.ndarray):
+        rel = np.linalg.solve(T, TARGET)
+        return rel[:3, 3] / 1000.0, rotation_to_rotvec(rel[:3, :3])
+
+    times = {}
+    for arrive_m, arrive_rad in ((0.001, 0.02), (0.003, 0.06)):
+        sim = KinematicSim(truth, CFG.updated(survey_poses=4, survey_arrive_m=arrive_m,
+                                              survey_arrive_rad=arrive_rad), START)
+        sim.enable()
+        cmds = published(sim.run(25.0))
+        reached = [i for i, c in enumerate(cmds) if "plane_reached" in c.events]
+        assert len(reached) == 1 and sim.ctl.counters.surveys_passed == 1
+        assert np.linalg.norm(sim.pose.T_mm[:3, 3] - TARGET[:3, 3]) < 2.0
+        times[arrive_m] = reached[0]
+    assert times[0.003] < 0.9 * times[0.001], times
+
+
 def test_survey_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="survey_poses"):
         CFG.updated(survey_poses=5)
     with pytest.raises(ValueError, match="survey"):
         CFG.updated(survey_poses=4, survey_read_s=0.0)
+    with pytest.raises(ValueError, match="survey_arrive_m"):
+        CFG.updated(survey_poses=4, survey_arrive_m=0.0)
     assert CFG.updated(survey_poses=8).survey_poses == 8

@@ -124,6 +124,9 @@ _PARAMS: dict[str, tuple[str, tuple[float, float] | None]] = {
     "survey_read_s": ("Survey: read the guidance this long [s] at each pose.", (0.0, 10.0)),
     "survey_gain": ("Survey: gain [1/s] of the moves between poses and to the surveyed target (speed limits "
                     "apply).", (0.0, 10.0)),
+    "survey_arrive_m": ("Survey: a pose counts as reached within this [m] of it (the guidance is read at the "
+                        "pose actually reached).", (0.0001, 0.01)),
+    "survey_arrive_rad": ("Survey: ... and within this [rad].", (0.001, 0.2)),
     "survey_tolerance_m": ("Survey: 'plane reached' only if the per-pose target estimates scatter less than "
                            "this [m] (root mean square about their mean).", (0.0, 0.05)),
     "survey_tolerance_rad": ("Survey: ... and less than this [rad].", (0.0, 1.0)),
