@@ -3,6 +3,9 @@
     ros2 launch cardiac_copilot_ros copilot.launch.py target_plane:=PLAX
     ros2 launch cardiac_copilot_ros copilot.launch.py use_sim:=true            # no hardware
     ros2 launch cardiac_copilot_ros copilot.launch.py servo:=true image_topic:=/probe/image
+    ros2 launch cardiac_copilot_ros copilot.launch.py servo:=true \
+        servo_params_file:=$(ros2 pkg prefix cardiac_copilot_ros)/share/cardiac_copilot_ros/config/\
+servo_final_approach.yaml
     ros2 launch cardiac_copilot_ros copilot.launch.py pose_source:=tf   # probe pose from TF
     ros2 launch cardiac_copilot_ros copilot.launch.py model:=mine.pt fine_model:=mine_fine.pt
 
@@ -47,6 +50,9 @@ def generate_launch_description() -> LaunchDescription:
         DeclareLaunchArgument("subject_seed", default_value="1000", description="simulated subject (use_sim)"),
         DeclareLaunchArgument("servo", default_value="false",
                               description="start servo_node (closed loop via MoveIt Servo; off until ~/enable)"),
+        DeclareLaunchArgument("servo_params_file", default_value=PathJoinSubstitution([config_dir, "servo.yaml"]),
+                              description="parameter file for servo_node loaded after config/servo.yaml (e.g. the "
+                                          "package's config/servo_final_approach.yaml: the final-approach survey)"),
         DeclareLaunchArgument("rviz", default_value="true", description="start RViz with config/copilot.rviz"),
     ]
 
@@ -71,7 +77,7 @@ def generate_launch_description() -> LaunchDescription:
     servo = Node(
         package=PACKAGE, executable="servo_node", name="copilot_servo", output="screen",
         condition=IfCondition(LaunchConfiguration("servo")),
-        parameters=[PathJoinSubstitution([config_dir, "servo.yaml"])],
+        parameters=[PathJoinSubstitution([config_dir, "servo.yaml"]), LaunchConfiguration("servo_params_file")],
         remappings=[("probe_pose", pose_topic)],
     )
     rviz = Node(

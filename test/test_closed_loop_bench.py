@@ -127,6 +127,29 @@ def test_bad_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "not both" in capsys.readouterr().err
 
 
+def test_servo_params_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--servo-params-file: the shipped profiles read as servo parameters (node-only ones left out);
+    --servo-params still wins; a broken file is a clear error before any node starts."""
+    repo = Path(__file__).resolve().parent.parent
+    profile = dict(clb.servo_params_from_file(repo / "config" / "servo_final_approach.yaml"))
+    assert profile["survey_poses"] == 4.0 and profile["converge_linear_m"] == 0.0015
+    defaults = dict(clb.servo_params_from_file(repo / "config" / "servo.yaml"))
+    assert "probe_frame" not in defaults and defaults["stop_mode"] == "immediate"
+    own = tmp_path / "own.yaml"
+    own.write_text("/**:\n  ros__parameters:\n    gain_linear: 1.5\n")
+    assert clb.servo_params_from_file(own) == [("gain_linear", 1.5)]
+    for text, why in (("copilot_servo: [1, 2]\n", "ros__parameters"), ("a: [\n", "cannot read"),
+                      ("copilot_servo:\n  ros__parameters:\n    gain_linear: [1]\n", "gain_linear")):
+        own.write_text(text)
+        assert clb.run(_parse(["--servo-params-file", str(own)])) == 2
+        assert why in capsys.readouterr().err
+    own.write_text("copilot_servo:\n  ros__parameters:\n    gain_linaer: 1.0\n")
+    assert clb.run(_parse(["--servo-params-file", str(own)])) == 2
+    assert "gain_linaer" in capsys.readouterr().err
+    assert clb.run(_parse(["--servo-params-file", str(tmp_path / "missing.yaml")])) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def untrained_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from cardiac_copilot_ros.model.bundle import make_untrained_bundle

@@ -93,3 +93,36 @@ def test_rviz_config_shows_guidance_without_clicks():
         assert cls in displays and displays[cls]["Enabled"], cls
     assert displays["rviz_default_plugins/MarkerArray"]["Topic"]["Value"] == "/guidance_markers"
     assert displays["rviz_default_plugins/Image"]["Topic"]["Value"] == "/us/image"
+
+
+def test_servo_profile_file_argument_is_loaded_after_the_defaults():
+    """servo_params_file: a second parameter file for servo_node (e.g. config/servo_final_approach.yaml),
+    loaded after servo.yaml so that it overrides; by default servo.yaml itself (nothing changes)."""
+    tree = ast.parse((REPO / "launch" / "copilot.launch.py").read_text())
+    declared, used, _ = _launch_args_and_node_params("copilot.launch.py")
+    assert "servo_params_file" in declared and "servo_params_file" in used
+    servo = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)
+                 and n.func.id == "Node" and any(k.arg == "executable" and getattr(k.value, "value", None)
+                                                  == "servo_node" for k in n.keywords))
+    params = next(k.value for k in servo.keywords if k.arg == "parameters")
+    assert "servo.yaml" in ast.unparse(params.elts[0])
+    assert ast.unparse(params.elts[-1]) == "LaunchConfiguration('servo_params_file')"
+
+
+def test_servo_profiles_name_only_servo_parameters():
+    """Every config/servo_*.yaml profile sets parameters servo_node declares, with values it accepts."""
+    import dataclasses
+
+    from cardiac_copilot_ros.servo import ServoConfig
+
+    base = yaml.safe_load((REPO / "config" / "servo.yaml").read_text())["copilot_servo"]["ros__parameters"]
+    fields = {f.name for f in dataclasses.fields(ServoConfig)}
+    profiles = sorted((REPO / "config").glob("servo_*.yaml"))
+    assert profiles
+    for path in profiles:
+        over = yaml.safe_load(path.read_text())["copilot_servo"]["ros__parameters"]
+        assert set(over) <= set(base), (path.name, set(over) - set(base))
+        for k, v in over.items():
+            assert type(v) is type(base[k]), (path.name, k, v)   # ROS parameters are typed
+        merged = {k: v for k, v in {**base, **over}.items() if k in fields}
+        ServoConfig(**merged).validate()

@@ -332,6 +332,37 @@ def _as_servo_type(name: str, value: float | bool | str) -> float | bool | str |
     return float(value)
 
 
+#: servo_node parameters that are not ServoConfig's (frames, status period): the bench sets its own
+NODE_ONLY_SERVO_PARAMS = ("probe_frame", "base_frame", "status_period_s")
+
+
+def servo_params_from_file(path: Path) -> list[tuple[str, float | bool | str]]:
+    """The servo parameters of a ROS 2 parameter file (``copilot_servo:`` or ``/**:`` then
+    ``ros__parameters:``, as config/servo*.yaml), node-only ones left out. ValueError with the reason."""
+    import yaml
+
+    try:
+        doc = yaml.safe_load(Path(path).expanduser().read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ValueError(f"cannot read servo parameter file {path}: {exc}") from exc
+    section = None
+    if isinstance(doc, dict):
+        for node in ("copilot_servo", "/copilot_servo", "/**"):
+            if isinstance(doc.get(node), dict) and isinstance(doc[node].get("ros__parameters"), dict):
+                section = doc[node]["ros__parameters"]
+                break
+    if section is None:
+        raise ValueError(f"{path}: no 'copilot_servo: ros__parameters:' (or '/**: ros__parameters:') mapping")
+    out = []
+    for name, value in section.items():
+        if name in NODE_ONLY_SERVO_PARAMS:
+            continue
+        if not isinstance(value, (bool, int, float, str)):
+            raise ValueError(f"{path}: servo parameter {name} must be a number, boolean or string, got {value!r}")
+        out.append((str(name), value if isinstance(value, (bool, str)) else float(value)))
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", type=Path, default=None, metavar="FILE",
                         help="model bundle (TorchScript .pt or ONNX .onnx); default: models/default.pt")
@@ -364,6 +395,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         metavar="NAME=VALUE",
                         help="servo parameter overrides on top of the bench's "
                              f"({', '.join(f'{k}={v:g}' for k, v in BENCH_SERVO_PARAMS.items())})")
+    parser.add_argument("--servo-params-file", type=Path, default=None, metavar="FILE",
+                        help="servo parameters from a ROS 2 parameter file, e.g. config/servo_final_approach.yaml "
+                             "(applied over the bench's, under --servo-params; frames and status period ignored)")
     parser.add_argument("--guidance-params", type=_servo_param, nargs="+", action="extend", default=[],
                         metavar="NAME=VALUE",
                         help="guidance_node parameter overrides, e.g. fusion_time_constant_s=3 (model modes)")
@@ -864,6 +898,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..servo import ServoConfig
 
+    if args.servo_params_file is not None:
+        try:
+            args.servo_params = [*servo_params_from_file(args.servo_params_file), *args.servo_params]
+        except ValueError as exc:
+            print(f"bench closed-loop: {exc}", file=sys.stderr)
+            return 2
     known = {f.name for f in fields(ServoConfig)}
     unknown = sorted({name for name, _ in args.servo_params} - known)
     if unknown:
