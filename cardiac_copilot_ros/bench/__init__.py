@@ -18,6 +18,7 @@ BENCHES: dict[str, tuple[str, str]] = {
     "train": ("cardiac_copilot_ros.bench.train", "data loader vs training step throughput"),
     "paper": ("cardiac_copilot_ros.bench.paper", "the paper's experiment on the simulator"),
     "closed-loop": ("cardiac_copilot_ros.bench.closed_loop", "closed-loop success on the simulator"),
+    "servo": ("cardiac_copilot_ros.bench.servo", "the servo's own time to 'plane reached' (true guidance, no ROS)"),
     "rollout": ("cardiac_copilot_ros.bench.rollout", "a quick closed-loop estimate without ROS (ranks models)"),
 }
 
