@@ -53,6 +53,20 @@ def repo_models_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "models"
 
 
+def package_file_candidates(subdir: str, name: str) -> list[Path]:
+    """Where the package's ``subdir/name`` may be: ``share/cardiac_copilot_ros/subdir/name`` when installed
+    with ament (colcon), then the source checkout's ``subdir/name``."""
+    candidates: list[Path] = []
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        candidates.append(Path(get_package_share_directory(PACKAGE)) / subdir / name)
+    except Exception:  # not installed with ament, or ament_index_python missing
+        pass
+    candidates.append(Path(__file__).resolve().parent.parent / subdir / name)
+    return candidates
+
+
 def default_model_path() -> Path:
     """The default bundle: ``share/cardiac_copilot_ros/models/default.pt`` when the package is
     installed with ament (colcon), else the checkout's ``models/default.pt``.
@@ -60,14 +74,7 @@ def default_model_path() -> Path:
     The first of these that exists is returned; if none does, the installed location when there
     is one (so error messages name where the file is expected), else the checkout's.
     """
-    candidates: list[Path] = []
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.append(Path(get_package_share_directory(PACKAGE)) / "models" / DEFAULT_MODEL_NAME)
-    except Exception:  # not installed with ament, or ament_index_python missing
-        pass
-    candidates.append(repo_models_dir() / DEFAULT_MODEL_NAME)
+    candidates = package_file_candidates("models", DEFAULT_MODEL_NAME)
     for path in candidates:
         if path.is_file():
             return path

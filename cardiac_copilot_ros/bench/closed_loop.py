@@ -332,6 +332,20 @@ def _as_servo_type(name: str, value: float | bool | str) -> float | bool | str |
     return float(value)
 
 
+def typed_servo_params(pairs: list[tuple[str, float | bool | str]]) -> list[tuple[str, float | bool | str | int]]:
+    """``pairs`` checked against ServoConfig's fields and given their types (:func:`_as_servo_type`).
+    ValueError naming the unknown parameters or the badly typed one."""
+    from dataclasses import fields
+
+    from ..servo import ServoConfig
+
+    known = {f.name for f in fields(ServoConfig)}
+    unknown = sorted({name for name, _ in pairs} - known)
+    if unknown:
+        raise ValueError(f"unknown servo parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return [(name, _as_servo_type(name, value)) for name, value in pairs]
+
+
 #: servo_node parameters that are not ServoConfig's (frames, status period): the bench sets its own
 NODE_ONLY_SERVO_PARAMS = ("probe_frame", "base_frame", "status_period_s")
 
@@ -894,24 +908,10 @@ def run(args: argparse.Namespace) -> int:
     if not seeds or args.time_limit_s <= 0 or not args.planes:
         print("bench closed-loop: need --episodes >= 1, --time-limit-s > 0 and at least one plane", file=sys.stderr)
         return 2
-    from dataclasses import fields
-
-    from ..servo import ServoConfig
-
-    if args.servo_params_file is not None:
-        try:
-            args.servo_params = [*servo_params_from_file(args.servo_params_file), *args.servo_params]
-        except ValueError as exc:
-            print(f"bench closed-loop: {exc}", file=sys.stderr)
-            return 2
-    known = {f.name for f in fields(ServoConfig)}
-    unknown = sorted({name for name, _ in args.servo_params} - known)
-    if unknown:
-        print(f"bench closed-loop: unknown servo parameter(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}",
-              file=sys.stderr)
-        return 2
     try:
-        args.servo_params = [(name, _as_servo_type(name, value)) for name, value in args.servo_params]
+        if args.servo_params_file is not None:
+            args.servo_params = [*servo_params_from_file(args.servo_params_file), *args.servo_params]
+        args.servo_params = typed_servo_params(args.servo_params)
     except ValueError as exc:
         print(f"bench closed-loop: {exc}", file=sys.stderr)
         return 2

@@ -21,7 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from .closed_loop import BENCH_SERVO_PARAMS, _as_servo_type, _servo_param, servo_params_from_file
+from ..runtime import package_file_candidates
+from ..sim.expert import random_start_offset
+from .closed_loop import BENCH_SERVO_PARAMS, _servo_param, servo_params_from_file, typed_servo_params
 
 DEFAULT_PROFILES = ("none", "servo_final_approach.yaml")   # "none": no file, the bench's parameters only
 
@@ -31,23 +33,14 @@ def package_config_path(name: str) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
-    candidates = []
-    try:
-        from ament_index_python.packages import get_package_share_directory
-
-        candidates.append(Path(get_package_share_directory("cardiac_copilot_ros")) / "config" / name)
-    except Exception:  # not installed with ament
-        pass
-    candidates.append(Path(__file__).resolve().parents[2] / "config" / name)
-    return next((c for c in candidates if c.is_file()), path)
+    return next((c for c in package_file_candidates("config", name) if c.is_file()), path)
 
 
 def start_offsets(n: int, seed: int, max_mm: float = 40.0, max_deg: float = 40.0) -> np.ndarray:
-    """``n`` start offsets (x, y, z mm; roll, pitch, yaw deg) uniform over the closed-loop bench's box
-    (+-max_mm on x and y, a fifth of it on z, +-max_deg on each angle)."""
+    """``n`` start offsets (x, y, z mm; roll, pitch, yaw deg) drawn as the closed-loop bench draws them
+    (``sim.expert.random_start_offset``: +-max_mm on x and y, a fifth of it on z, +-max_deg on each angle)."""
     rng = np.random.default_rng(seed)
-    lim = np.array([max_mm, max_mm, max_mm / 5.0, max_deg, max_deg, max_deg])
-    return rng.uniform(-lim, lim, size=(int(n), 6))
+    return np.stack([random_start_offset(rng, max_mm, max_deg) for _ in range(int(n))])
 
 
 def run_episode(config: Any, offset: np.ndarray, guidance_hz: float = 30.0, latency_s: float = 0.05,
@@ -139,8 +132,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
     from ..servo import ServoConfig
 
     if args.starts < 1 or args.guidance_hz <= 0 or args.latency_s < 0 or args.time_limit_s <= 0 \
@@ -148,17 +139,16 @@ def run(args: argparse.Namespace) -> int:
         print("bench servo: need --starts >= 1, --guidance-hz > 0, --latency-s >= 0, --time-limit-s > 0 and "
               "noise >= 0", file=sys.stderr)
         return 2
-    known = {f.name for f in fields(ServoConfig)}
     configs: list[tuple[str, ServoConfig]] = []
     try:
         for name in args.profiles:
             path = None if name == "none" else package_config_path(name)
-            from_file = {} if path is None else dict(servo_params_from_file(path))
-            params = {**BENCH_SERVO_PARAMS, **from_file, **dict(args.servo_params)}
-            unknown = sorted(set(params) - known)
-            if unknown:
-                raise ValueError(f"{path or 'overrides'}: unknown servo parameter(s) {', '.join(unknown)}")
-            cfg = ServoConfig(**{k: _as_servo_type(k, v) for k, v in params.items()}).validate()
+            from_file = [] if path is None else servo_params_from_file(path)
+            try:
+                params = typed_servo_params([*BENCH_SERVO_PARAMS.items(), *from_file, *args.servo_params])
+            except ValueError as exc:
+                raise ValueError(f"{path or 'overrides'}: {exc}") from exc
+            cfg = ServoConfig(**dict(params)).validate()
             configs.append(("bench parameters only" if path is None else path.name, cfg))
     except (ValueError, TypeError) as exc:
         print(f"bench servo: {exc}", file=sys.stderr)
