@@ -27,6 +27,10 @@ from .pose import rotation_to_rotvec, rotvec_to_rotation
 
 #: Survey sizes that have a balanced design (every axis half +, half -).
 SURVEY_SIZES = (4, 8, 12)
+#: What a survey pose reads: the target the guidance implies there (with the guidance node's fusion, the
+#: fused target: smooth, it remembers the poses before) or each frame's own target estimate before fusion
+#: (guidance_node's ``frame_target_pose``: noisier, but it says how much the model's reads disagree).
+SURVEY_READS = ("guidance", "frame_target")
 
 
 def _hadamard(n: int) -> np.ndarray:
@@ -93,4 +97,4 @@ def survey_target(estimates: Sequence[np.ndarray]) -> SurveyTarget:
     return SurveyTarget(T, float(np.sqrt(np.mean(d ** 2))), float(np.degrees(np.sqrt(np.mean(phi ** 2)))), len(Ts))
 
 
-__all__ = ["SURVEY_SIZES", "SurveyTarget", "survey_offsets", "survey_target"]
+__all__ = ["SURVEY_READS", "SURVEY_SIZES", "SurveyTarget", "survey_offsets", "survey_target"]

@@ -148,3 +148,84 @@ def test_survey_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="survey_arrive_m"):
         CFG.updated(survey_poses=4, survey_arrive_m=0.0)
     assert CFG.updated(survey_poses=8).survey_poses == 8
+
+
+class FrameTargetSim(KinematicSim):
+    """A kinematic probe whose guidance node also publishes each frame's own target estimate
+    (``frame_target_pose``): ``frame_model(T)`` -> base-frame target estimate (4x4, mm) or None."""
+
+    def __init__(self, model, frame_model, config, start: np.ndarray) -> None:
+        super().__init__(model, config, start)
+        self.frame_model = frame_model
+
+    def run(self, seconds: float):
+        out = []
+        for _ in range(int(round(seconds * 100))):   # one frame estimate per control period
+            T = self.frame_model(self.pose.T_mm)
+            if T is not None:
+                assert self.ctl.set_frame_target(self.t, T)
+            out += super().run(0.01)
+        return out
+
+
+def _truth(T: np.ndarray):
+    rel = np.linalg.solve(T, TARGET)
+    return rel[:3, 3] / 1000.0, rotation_to_rotvec(rel[:3, :3])
+
+
+def _frame_estimates(spread_mm: float):
+    """Per-frame estimates of the true target that depend on the pose (a model's pose-dependent bias):
+    +-spread_mm per axis, the sign changing every 3 mm of probe motion."""
+    def frame(T: np.ndarray) -> np.ndarray:
+        est = TARGET.copy()
+        est[:3, 3] += spread_mm * np.sign(np.sin((T[:3, 3] - TARGET[:3, 3]) / 3.0 + 0.5))
+        return est
+    return frame
+
+
+def test_frame_target_gate_reports_reached_only_when_the_frame_estimates_agree() -> None:
+    """survey_gate frame_target: the guidance (here the truth, as smooth as a fused target) agrees at
+    every survey pose, but "plane reached" is decided by the per-frame estimates read there: agreeing
+    ones (within 0.3 mm) pass; ones that disagree by +-6 mm from pose to pose fail and the servo holds
+    at the surveyed target, not reached, saying why."""
+    cfg = CFG.updated(survey_poses=4, survey_gate="frame_target")
+    ok = FrameTargetSim(_truth, _frame_estimates(0.3), cfg, START)
+    ok.enable()
+    cmds = published(ok.run(25.0))
+    assert [e for c in cmds for e in c.events].count("plane_reached") == 1
+    result = ok.ctl.status()["final_approach_survey"]
+    assert result.startswith("passed") and "per-frame estimates scatter" in result, result
+
+    bad = FrameTargetSim(_truth, _frame_estimates(6.0), cfg, START)
+    bad.enable()
+    cmds = published(bad.run(25.0))
+    assert not any("plane_reached" in c.events for c in cmds)
+    assert bad.ctl.counters.surveys_failed == 1 and bad.ctl.counters.converged == 0
+    assert "not reached" in bad.ctl.reason and "per-frame estimates scatter" in bad.ctl.reason, bad.ctl.reason
+    # it still holds where the guidance's survey put it: the true target
+    assert np.linalg.norm(bad.pose.T_mm[:3, 3] - TARGET[:3, 3]) < 2.0
+    # the same disagreeing frame estimates are not looked at with the default gate (the guidance's scatter)
+    plain = FrameTargetSim(_truth, _frame_estimates(6.0), cfg.updated(survey_gate="guidance"), START)
+    plain.enable()
+    assert any("plane_reached" in c.events for c in published(plain.run(25.0)))
+
+
+def test_frame_target_gate_without_frame_estimates_is_not_reached() -> None:
+    """survey_gate frame_target but no frame_target_pose (an older guidance node): each survey pose waits
+    a little for one, then the survey fails and says what was missing; never "plane reached"."""
+    sim = FrameTargetSim(_truth, lambda T: None, CFG.updated(survey_poses=4, survey_gate="frame_target"), START)
+    sim.enable()
+    cmds = published(sim.run(30.0))
+    assert not any("plane_reached" in c.events for c in cmds)
+    assert sim.ctl.counters.surveys_failed == 1
+    assert "frame_target_pose" in sim.ctl.reason and "at 0 of the 4 poses" in sim.ctl.reason, sim.ctl.reason
+
+
+def test_frame_target_input_and_gate_setting_are_validated() -> None:
+    sim = FrameTargetSim(_truth, lambda T: None, CFG.updated(survey_poses=4, survey_gate="frame_target"), START)
+    for bad in (np.full((4, 4), np.nan), np.eye(3), 2.0 * np.eye(4)):
+        assert not sim.ctl.set_frame_target(0.0, bad)
+    assert sim.ctl.counters.rejected_other == 3
+    assert sim.ctl.set_frame_target(0.0, TARGET)
+    with pytest.raises(ValueError, match="survey_gate"):
+        CFG.updated(survey_gate="fused")

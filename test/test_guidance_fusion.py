@@ -68,11 +68,14 @@ class Probe:
         self.guidance: dict[int, TwistStamped] = {}
         self.target: dict[int, PoseStamped] = {}
         self.cov: dict[int, PoseWithCovarianceStamped] = {}
+        self.frame_target: dict[int, PoseStamped] = {}
         self.markers: dict[int, MarkerArray] = {}
         self.diag: list[DiagnosticStatus] = []
         key = lambda m: conv.stamp_to_ns(m.header.stamp)  # noqa: E731
         node.create_subscription(TwistStamped, f"{ns}/guidance", lambda m: self.guidance.__setitem__(key(m), m), 100)
         node.create_subscription(PoseStamped, f"{ns}/target_pose", lambda m: self.target.__setitem__(key(m), m), 100)
+        node.create_subscription(PoseStamped, f"{ns}/frame_target_pose",
+                                 lambda m: self.frame_target.__setitem__(key(m), m), 100)
         node.create_subscription(PoseWithCovarianceStamped, f"{ns}/target_pose_cov",
                                  lambda m: self.cov.__setitem__(key(m), m), 100)
         node.create_subscription(MarkerArray, f"{ns}/guidance_markers",
@@ -168,6 +171,11 @@ def test_fused_target_guidance_covariance_and_markers(guidance, probe: Probe, re
         assert probe.spin_until(lambda s=stamp: s in probe.target and s in probe.markers, 5.0)
         _, T_target = conv.pose_stamped_to_matrix(probe.target[stamp])
         np.testing.assert_allclose(T_target, fused.T_mm, atol=1e-3)
+        # frame_target_pose: this frame's own estimate, before fusion (what the servo's survey judges by)
+        assert probe.spin_until(lambda s=stamp: s in probe.frame_target, 5.0)
+        assert probe.frame_target[stamp].header.frame_id == "panda_link0"
+        _, T_frame = conv.pose_stamped_to_matrix(probe.frame_target[stamp])
+        np.testing.assert_allclose(T_frame, T @ pose_alg.action_to_matrix(a), atol=1e-3)
         markers = {m.id: m for m in probe.markers[stamp].markers}
         assert markers[5].type == Marker.SPHERE and "fused" in markers[4].text
         if k < 2:  # spread unknown: no covariance yet, the uncertainty marker is deleted

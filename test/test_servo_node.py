@@ -474,6 +474,9 @@ def test_parameters_validated_and_applied(servo: Harness) -> None:
     assert not h.set_params(control_rate_hz=50.0)[0].successful  # read-only
     assert not h.set_params(base_frame="world")[0].successful    # read-only
     assert not h.set_params(converge_release_factor=0.5)[0].successful
+    assert not h.set_params(survey_gate="fused")[0].successful      # guidance | frame_target
+    assert h.set_params(survey_gate="frame_target")[0].successful
+    assert h.set_params(survey_gate="guidance")[0].successful
     assert h.set_params(max_linear_speed_mps=0.01)[0].successful
     h.guidance = ([0.1, 0.0, 0.0], [0.0, 0.0, 0.0], 0.0)
     assert h.enable().success

@@ -3,7 +3,9 @@
 Subscribes ``image`` (sensor_msgs/Image) and/or ``image/compressed`` and the probe pose
 (``probe_pose`` PoseStamped, or TF base_frame -> probe_frame); publishes ``guidance``
 (TwistStamped in probe_frame, stamp = image stamp), ``target_pose`` (PoseStamped in base_frame,
-when a fresh probe pose is known), ``guidance_markers`` (MarkerArray in probe_frame) and
+when a fresh probe pose is known; fused in ``guidance_mode`` fused), ``frame_target_pose`` (the same
+for each frame's own prediction before fusion: what servo_node's final-approach survey reads with
+``survey_gate`` frame_target), ``guidance_markers`` (MarkerArray in probe_frame) and
 ``/diagnostics``. Parameters: see ``config/guidance.yaml``.
 
 Coarse to fine (fused mode, with a fine model: ``fine_model_path``, by default ``models/fine.pt``
@@ -355,6 +357,7 @@ class GuidanceNode(Node):
         # publishers
         self._pub_guidance = self.create_publisher(TwistStamped, "guidance", 10)
         self._pub_target = self.create_publisher(PoseStamped, "target_pose", 10)
+        self._pub_frame_target = self.create_publisher(PoseStamped, "frame_target_pose", 10)
         self._pub_markers = self.create_publisher(MarkerArray, "guidance_markers", 10)
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._setup_fusion()
@@ -777,8 +780,10 @@ class GuidanceNode(Node):
             self._stats.add("stale_poses")
             log.warning(f"no target_pose: {why}", throttle_duration_sec=THROTTLE_S * 5)
         else:
-            T_target = pose_alg.apply_action(T_probe, pred.action) if fused is None else fused[1]
+            T_frame = pose_alg.apply_action(T_probe, pred.action)
+            T_target = T_frame if fused is None else fused[1]
             self._pub_target.publish(conv.matrix_to_pose_stamped(T_target, stamp, self._base_frame))
+            self._pub_frame_target.publish(conv.matrix_to_pose_stamped(T_frame, stamp, self._base_frame))
             self._stats.add("target_poses_published")
             if self._tf_broadcaster is not None:
                 self._tf_broadcaster.sendTransform(

@@ -8,6 +8,8 @@ own node is called ``servo_node``). Interfaces (see docs/SERVO.md):
 * in  ``probe_pose`` geometry_msgs/PoseStamped (workspace limit and pose watchdog);
 * in  ``target_pose_cov`` geometry_msgs/PoseWithCovarianceStamped (optional: the guidance node's
   fused target and its spread; "plane reached" then also needs that spread within tolerance);
+* in  ``frame_target_pose`` geometry_msgs/PoseStamped (optional: the guidance node's per-frame target
+  estimates, read by the final-approach survey with ``survey_gate`` frame_target);
 * out ``servo_node/delta_twist_cmds`` geometry_msgs/TwistStamped: m/s and rad/s in
   ``probe_frame``, stamped now (MoveIt Servo's ``~/delta_twist_cmds``, ``speed_units``);
 * out ``~/status`` std_msgs/String (JSON), ``~/plane_reached`` std_msgs/Bool (latched),
@@ -43,6 +45,7 @@ from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy, qos_profi
 from std_msgs.msg import Bool, String
 from std_srvs.srv import SetBool
 
+from ..final_approach import SURVEY_READS
 from ..servo import (
     STOP_MODES,
     Guidance,
@@ -130,6 +133,9 @@ _PARAMS: dict[str, tuple[str, tuple[float, float] | None]] = {
     "survey_tolerance_m": ("Survey: 'plane reached' only if the per-pose target estimates scatter less than "
                            "this [m] (root mean square about their mean).", (0.0, 0.05)),
     "survey_tolerance_rad": ("Survey: ... and less than this [rad].", (0.0, 1.0)),
+    "survey_gate": ("Survey: whose scatter decides 'plane reached': 'guidance' (the targets the guidance implies "
+                    "at the poses) or 'frame_target' (guidance_node's per-frame estimates on frame_target_pose, "
+                    "before fusion: they disagree where the model is wrong).", None),
     "survey_attempts": ("Surveys per enable (each around the last surveyed target); then hold there, "
                         "not reached.", (1, 100)),
     "survey_release_m": ("While holding the surveyed target: the guidance's target farther than this [m] from "
@@ -159,6 +165,8 @@ class ServoNode(Node):
             d = ParameterDescriptor(description=desc, read_only=f.name in _READ_ONLY)
             if f.name == "stop_mode":
                 d.additional_constraints = f"one of {', '.join(STOP_MODES)}"
+            elif f.name == "survey_gate":
+                d.additional_constraints = f"one of {', '.join(SURVEY_READS)}"
             elif rng is not None and isinstance(value, int) and not isinstance(value, bool):
                 d.integer_range = [IntegerRange(from_value=int(rng[0]), to_value=int(rng[1]), step=1)]
             elif rng is not None:
@@ -195,6 +203,7 @@ class ServoNode(Node):
         self.create_subscription(TwistStamped, "guidance", self._on_guidance, qos_profile_sensor_data)
         self.create_subscription(PoseStamped, "probe_pose", self._on_pose, qos_profile_sensor_data)
         self.create_subscription(PoseWithCovarianceStamped, "target_pose_cov", self._on_target_cov, 10)
+        self.create_subscription(PoseStamped, "frame_target_pose", self._on_frame_target, qos_profile_sensor_data)
         self.create_service(SetBool, "~/enable", self._on_enable)
         self._timer = self.create_timer(config.control_period_s, self._on_timer)
         self._status_timer = self.create_timer(float(self.get_parameter("status_period_s").value),
@@ -275,6 +284,26 @@ class ServoNode(Node):
             lin, ang = float(np.sqrt(d[:3].sum())), float(np.sqrt(d[3:].sum()))
         with self._lock:
             self._ctl.set_target_spread(self._now_s(), lin, ang)
+
+    def _on_frame_target(self, msg: PoseStamped) -> None:
+        """guidance_node's per-frame target estimate (base frame): the survey's reads with survey_gate
+        frame_target."""
+        frame = msg.header.frame_id
+        why = ""
+        if frame.lstrip("/") != self._base_frame.lstrip("/"):
+            why = f"in frame {frame!r}, expected {self._base_frame!r}"
+        else:
+            try:
+                _, T_mm = pose_stamped_to_matrix(msg)
+            except MessageError as exc:
+                why = str(exc)
+        with self._lock:
+            ok = not why and self._ctl.set_frame_target(self._now_s(), T_mm)
+            if why:
+                self._ctl.counters.rejected_other += 1
+        if not ok:
+            self.get_logger().warning(f"frame_target_pose rejected: {why or 'not a finite rigid pose'}",
+                                      throttle_duration_sec=2.0)
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         now_ns = self._now_ns()
