@@ -30,6 +30,9 @@ What runs per frame, as in ``guidance_node`` (fused mode) and ``servo_node``:
    ``survey_settle_frames`` and reads the implied target for ``survey_read_frames``; it then moves to
    the robust mean of the per-pose targets, converged if they scatter less than ``survey_tolerance_mm``
    / ``_deg``, else a new survey there (``survey_attempts`` in all), then it stays there unconverged.
+   Each pose reads both the guidance (``survey_read`` / ``survey_gate`` ``guidance``) and the frame's own
+   estimate before fusion (``frame_target``): ``survey_read`` says which mean the probe goes to,
+   ``survey_gate`` whose scatter decides "reached" (the servo's ``survey_gate``).
 
 This is a model of the loop, not the loop: no latency, no acceleration limits, no low-pass filter. The
 numbers it gives rank models; ``bench closed-loop`` measures them (validation subjects 8000-8011, 224 px,
@@ -48,7 +51,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .coarse_to_fine import StageConfig, StageSelector
-from .final_approach import SURVEY_SIZES, survey_offsets, survey_target
+from .final_approach import SURVEY_READS, SURVEY_SIZES, survey_offsets, survey_target
 from .pose import action_to_matrix, pose_error, relative_action
 from .target_fusion import FusionConfig, TargetFusion, pose_residual
 
@@ -95,6 +98,10 @@ class RolloutConfig:
     survey_tolerance_mm: float = 3.0    # "reached" only if the surveyed estimates scatter less than this ...
     survey_tolerance_deg: float = 3.0   # ... (root mean square about their mean)
     survey_attempts: int = 2        # surveys (each around the previous surveyed target) before giving up
+    survey_read: str = "guidance"   # the surveyed target is the mean of what the poses read: the guidance
+    #                                 (in fused mode the fused target, as the servo sees it) or each frame's own
+    #                                 estimate ("frame_target": T_probe @ U(a), before fusion)
+    survey_gate: str = "guidance"   # the scatter that decides "reached": of the "guidance" or "frame_target" reads
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any], base: RolloutConfig | None = None) -> RolloutConfig:
@@ -124,6 +131,9 @@ class RolloutConfig:
         if not (0 < self.survey_step_mm <= 20 and 0 < self.survey_step_deg <= 20 and self.survey_settle_frames >= 0
                 and self.survey_tolerance_mm > 0 and self.survey_tolerance_deg > 0):
             raise ValueError("survey_step_mm/deg must be in (0, 20], survey_settle_frames >= 0, survey tolerances > 0")
+        for name in ("survey_read", "survey_gate"):
+            if getattr(self, name) not in SURVEY_READS:
+                raise ValueError(f"{name} must be one of {', '.join(SURVEY_READS)}, got {getattr(self, name)!r}")
         if not (0 <= self.noise_mm < 50 and 0 <= self.noise_deg < 50):
             raise ValueError("noise_mm and noise_deg must be in [0, 50)")
         return self
@@ -210,18 +220,21 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
         if survey is not None:   # the final-approach survey: hold at each pose, read, move to the next
             survey["left"] -= 1
             if survey["left"] < cfg.survey_read_frames:
-                survey["reads"].append(T @ action_to_matrix(guidance))
+                survey["reads"]["guidance"].append(T @ action_to_matrix(guidance))
+                survey["reads"]["frame_target"].append(T @ action_to_matrix(pred.action))
             if survey["left"] > 0:
                 continue
-            survey["estimates"].append(survey_target(survey["reads"]).T_mm)
+            for kind, reads in survey["reads"].items():
+                survey["estimates"][kind].append(survey_target(reads).T_mm)
             survey["k"] += 1
             if survey["k"] < len(survey["poses"]):
                 T = survey["poses"][survey["k"]]
-                survey["left"], survey["reads"] = cfg.survey_settle_frames + cfg.survey_read_frames, []
+                survey["left"], survey["reads"] = cfg.survey_settle_frames + cfg.survey_read_frames, _reads()
                 continue
-            st = survey_target(survey["estimates"])
-            T, survey_spread, survey = st.T_mm, [st.spread_mm, st.spread_deg], None
-            if st.spread_mm <= cfg.survey_tolerance_mm and st.spread_deg <= cfg.survey_tolerance_deg:
+            st = survey_target(survey["estimates"][cfg.survey_read])
+            gate = survey_target(survey["estimates"][cfg.survey_gate])
+            T, survey_spread, survey = st.T_mm, [gate.spread_mm, gate.spread_deg], None
+            if gate.spread_mm <= cfg.survey_tolerance_mm and gate.spread_deg <= cfg.survey_tolerance_deg:
                 verify, converged = "passed", True
                 break
             failures += 1
@@ -273,8 +286,12 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
 def _start_survey(centre: np.ndarray, cfg: RolloutConfig) -> dict[str, Any]:
     """A survey around ``centre``: its poses (visit ``poses[0]`` first), the per-pose reads and estimates."""
     offsets = survey_offsets(cfg.survey_poses, cfg.survey_step_mm, cfg.survey_step_deg)
-    return {"poses": [centre @ action_to_matrix(o) for o in offsets], "k": 0, "estimates": [], "reads": [],
-            "left": cfg.survey_settle_frames + cfg.survey_read_frames}
+    return {"poses": [centre @ action_to_matrix(o) for o in offsets], "k": 0, "estimates": _reads(),
+            "reads": _reads(), "left": cfg.survey_settle_frames + cfg.survey_read_frames}
+
+
+def _reads() -> dict[str, list[np.ndarray]]:
+    return {kind: [] for kind in SURVEY_READS}
 
 
 def run_episodes(seeds: Sequence[int], planes: Sequence[str], coarse: Predictor, fine: Predictor | None = None,
@@ -354,6 +371,8 @@ def summarize(results: Sequence[RolloutResult], mm: float = 5.0, deg: float = 5.
                 "median_final_error_mm": float(np.median([r.translation_mm for r in rs])) if n else None,
                 "median_final_error_deg": float(np.median([r.rotation_deg for r in rs])) if n else None,
                 "converged_rate": float(np.mean([r.converged for r in rs])) if n else None,
+                # converged ("plane reached" where the survey or check is on) beyond the tolerance
+                "false_reached": sum(r.converged and not r.success(mm, deg) for r in rs),
                 "median_frames": float(np.median([r.frames for r in rs])) if n else None}
 
     out = stats(results)

@@ -156,6 +156,34 @@ def test_rollout_final_approach_survey_moves_off_a_local_fixed_point():
         rollout.RolloutConfig(survey_poses=3).validate()
 
 
+class JitterModel(TrueMotionModel):
+    """The true remaining motion, its target estimate jumping +-6 mm (probe x) from frame to frame: the fused
+    target averages the jitter away, each frame's own estimate does not."""
+
+    def predict(self, frame, plane=None, refine=None) -> Prediction:
+        self.error = np.array([6.0 if self.calls % 2 else -6.0, 0, 0, 0, 0, 0])
+        return super().predict(frame, plane, refine)
+
+
+def test_rollout_survey_gate_reads_the_frames_own_estimates():
+    """survey_gate frame_target judges the survey by the frames' own estimates (they disagree by +-6 mm: not
+    reached, the probe still at the fused mean); the default gate, the fused guidance, agrees with itself."""
+    r = PoseRecordingRenderer(20008)
+    # 3 frames per pose (an odd number): the frame read at each pose jumps to the other side
+    cfg = rollout.RolloutConfig(render_size=32, survey_poses=4, survey_attempts=1, steps=150, survey_settle_frames=2,
+                                survey_read_frames=1)
+    fused = rollout.run_episode(r, "PLAX", JitterModel(r), config=cfg, rng=np.random.default_rng(6))
+    assert fused.verify == "passed" and fused.converged and fused.survey_spread[0] < 3.0
+    frame = rollout.run_episode(r, "PLAX", JitterModel(r), config=dataclasses.replace(cfg, survey_gate="frame_target"),
+                                rng=np.random.default_rng(6))
+    assert frame.verify == "failed" and not frame.converged and frame.survey_spread[0] > 3.0
+    assert frame.translation_mm == pytest.approx(fused.translation_mm, abs=1e-6)   # the same surveyed target
+    assert rollout.summarize([fused, frame])["false_reached"] == int(not fused.success())
+    for bad in ({"survey_gate": "fused"}, {"survey_read": "frame"}):
+        with pytest.raises(ValueError, match="survey_"):
+            rollout.RolloutConfig(**bad).validate()
+
+
 def test_rollout_summary_and_config_checks():
     r = PoseRecordingRenderer(20004)
     model = TrueMotionModel(r)

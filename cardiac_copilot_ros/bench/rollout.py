@@ -41,14 +41,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def format_table(summaries: dict[str, dict]) -> str:
     lines = ["| mode | plane | episodes | success [95 % Wilson] | median final error (mm / deg) | converged | "
-             "median frames |", "|" + "---|" * 7]
+             "false reached | median frames |", "|" + "---|" * 8]
     for mode, s in summaries.items():
         for plane, p in [*s["per_plane"].items(), ("all", s)]:
             ci = p["success_ci95"] or [0.0, 0.0]
             lines.append(f"| {mode} | {plane} | {p['episodes']} | {100 * p['success_rate']:.0f} % "
                          f"[{100 * ci[0]:.0f}-{100 * ci[1]:.0f} %] | {p['median_final_error_mm']:.1f} / "
                          f"{p['median_final_error_deg']:.1f} | {100 * p['converged_rate']:.0f} % | "
-                         f"{p['median_frames']:.0f} |")
+                         f"{p['false_reached']} | {p['median_frames']:.0f} |")
     return "\n".join(lines)
 
 
