@@ -69,6 +69,19 @@ def test_report_layout_and_statistics() -> None:
     assert clb.build_report(eps[3:], {})["fused_vs_per_frame"] is None
 
 
+def test_held_episodes_count_in_the_time_to_stop_not_in_the_time_to_reached() -> None:
+    """An honest "not reached" (the servo holds at its surveyed target, end "held") stops the probe as
+    "plane reached" does: both count in the time to stop; only reached ones in the time to converge."""
+    reached = _episode("fused", "PLAX", 2.0, 3.0, True, 9.0)
+    reached.time_to_stop_s = 9.0
+    held = _episode("fused", "PLAX", 6.0, 3.0, False, None)
+    held.end, held.time_to_stop_s = "held", 12.0
+    s = clb.build_report([reached, held], {})["modes"]["fused"]
+    assert s["median_time_s"] == 9.0 and s["median_time_to_stop_s"] == 10.5
+    assert s["ends"] == {"converged": 1, "held": 1} and s["false_reached"] == 0
+    assert "| 9.0 | 10.5 |" in clb.format_table({"fused": s}, (5.0, 5.0))
+
+
 def test_wilson_interval_and_seed_lists() -> None:
     assert clb.wilson_interval(0, 0) is None
     lo, hi = clb.wilson_interval(0, 6)

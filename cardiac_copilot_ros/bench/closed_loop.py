@@ -50,6 +50,7 @@ import numpy as np
 from ..planes import PLANE_NAMES, order_views, parse_plane
 from ..processes import stop_process
 from ..rollout import wilson_interval
+from ..servo import HELD_NOT_REACHED
 from ..sim.phantom import sim_view
 
 NAMESPACE = "/closed_loop_bench"
@@ -65,6 +66,10 @@ ORACLE_SERVO_NODE = "copilot_servo_oracle"
 SIM_NODE = "scanner_sim_node"
 GUIDANCE_NODE = "guidance_node"
 PROBE_FRAME = "us_probe"
+BASE_FRAME = "panda_link0"   # the simulator's and the servo's default base_frame
+#: An episode ends this long [s] after the servo began to hold at a surveyed target without "plane reached"
+#: (servo.HELD_NOT_REACHED; end "held": the probe stays there, the servo says why).
+HELD_END_S = 1.0
 
 #: Servo parameters of the bench (on top of config/servo.yaml's defaults), and why:
 #: twice the shipped speed and acceleration limits, so that a 40 mm / 40 deg start converges well
@@ -97,7 +102,7 @@ class Episode:
     start_offset: list[float]          # action from the target (mm, deg)
     start_translation_mm: float
     start_rotation_deg: float
-    end: str                            # converged | time_limit | workspace | fault | refused
+    end: str                            # converged | held | time_limit | workspace | fault | refused
     converged: bool                     # the servo reported plane_reached
     time_to_converge_s: float | None    # enable -> plane_reached (includes the servo's hold time)
     duration_s: float                   # enable -> end
@@ -119,6 +124,9 @@ class Episode:
     #: the servo's last ~/status reason before the end, and its final-approach check / survey result
     servo_reason: str | None = None
     final_approach: str | None = None
+    #: enable -> the servo stopped moving the probe on its own: "plane reached", or holding at the surveyed
+    #: target without it (its final-approach survey failed: an honest "not reached")
+    time_to_stop_s: float | None = None
 
     def row(self) -> str:
         return (f"{self.mode:8s} {self.plane:8s} seed {self.subject_seed}: {self.end:10s} "
@@ -173,6 +181,7 @@ def summarize(episodes: Sequence[Episode]) -> dict[str, Any]:
             "median_translation_mm": _median([e.translation_mm for e in eps]),
             "median_rotation_deg": _median([e.rotation_deg for e in eps]),
             "median_time_s": _median([e.time_to_converge_s for e in eps if e.converged]),
+            "median_time_to_stop_s": _median([e.time_to_stop_s for e in eps]),
             "median_path_mm": _median([e.path_mm for e in eps]),
             "median_start_guidance_error_mm": _median([e.start_guidance_error_mm for e in eps]),
             "median_start_guidance_error_deg": _median([e.start_guidance_error_deg for e in eps]),
@@ -196,8 +205,8 @@ def format_table(modes: dict[str, dict[str, Any]], limits: tuple[float, float]) 
     """Markdown table, one row per mode and plane plus an 'all' row per mode."""
     head = (f"| mode | plane | episodes | success (<= {limits[0]:g} mm and <= {limits[1]:g} deg) [95 % Wilson] | "
             "median final translation (mm) | median final rotation (deg) | reached | false reached | "
-            "median time to converge (s) | median path (mm) |")
-    lines = [head, "|" + "---|" * 10]
+            "median time to converge (s) | median time to stop (s) | median path (mm) |")
+    lines = [head, "|" + "---|" * 11]
     for mode, summary in modes.items():
         rows = [*summary["per_plane"].items(), ("all", summary)]
         for plane, s in rows:
@@ -209,7 +218,8 @@ def format_table(modes: dict[str, dict[str, Any]], limits: tuple[float, float]) 
                 f"{_fmt(s['median_translation_mm'], '.1f')} | {_fmt(s['median_rotation_deg'], '.1f')} | "
                 f"{_fmt(None if s['converged_rate'] is None else 100 * s['converged_rate'], '.0f')} % | "
                 f"{s.get('false_reached', 0)} | "
-                f"{_fmt(s['median_time_s'], '.1f')} | {_fmt(s['median_path_mm'], '.0f')} |")
+                f"{_fmt(s['median_time_s'], '.1f')} | {_fmt(s.get('median_time_to_stop_s'), '.1f')} | "
+                f"{_fmt(s['median_path_mm'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -538,6 +548,8 @@ class _Graph:
             n.create_subscription(Bool, f"{name}/plane_reached", lambda m, s=name: self._on_reached(s, m), latched)
             n.create_subscription(String, f"{name}/status", lambda m, s=name: self._on_status(s, m), status_qos)
         self._oracle_pub = n.create_publisher(TwistStamped, "oracle_guidance", 10)
+        # the oracle's per-frame target estimates (a servo profile with survey_gate frame_target reads them)
+        self._oracle_target_pub = n.create_publisher(PoseStamped, "oracle_frame_target_pose", 10)
         n.create_timer(1.0 / oracle_rate_hz, self._on_oracle_timer)
         self._clients: dict[tuple[str, str], Any] = {}
         # single-threaded: once the spin thread has joined, no callback is running (close() relies on it)
@@ -607,7 +619,7 @@ class _Graph:
             self.servo[servo]["status"] = status
 
     def _on_oracle_timer(self) -> None:
-        from ..nodes.conversions import action_to_twist_stamped
+        from ..nodes.conversions import action_to_twist_stamped, matrix_to_pose_stamped
         from ..pose import relative_action
 
         with self.lock:
@@ -615,8 +627,9 @@ class _Graph:
         if T is None or target is None:
             return
         action = relative_action(T, target)
-        self._oracle_pub.publish(action_to_twist_stamped(action, self.node.get_clock().now().nanoseconds,
-                                                         PROBE_FRAME))
+        now_ns = self.node.get_clock().now().nanoseconds
+        self._oracle_pub.publish(action_to_twist_stamped(action, now_ns, PROBE_FRAME))
+        self._oracle_target_pub.publish(matrix_to_pose_stamped(target, now_ns, BASE_FRAME))
 
     # -- services (main thread)
     def _client(self, srv_type: Any, name: str) -> Any:
@@ -716,7 +729,8 @@ class _Bench:
         if "oracle" in self.modes:  # the oracle servo must not see the model's fused target spread
             self._start("servo_oracle", "cardiac_copilot_ros.nodes.servo_node", self.servo_params,
                         name=ORACLE_SERVO_NODE, remaps={"guidance": "oracle_guidance",
-                                                        "target_pose_cov": "oracle_target_pose_cov"})
+                                                        "target_pose_cov": "oracle_target_pose_cov",
+                                                        "frame_target_pose": "oracle_frame_target_pose"})
         self._guidance_cfg = (plane, mode)
         self.graph = _Graph()
 
@@ -803,14 +817,15 @@ class _Bench:
                 break
             time.sleep(0.1)
             ok, message = g.enable(servo, True)
-        end, t_conv = ("time_limit", None) if ok else ("refused", None)
+        end, t_conv, t_held = ("time_limit", None, None) if ok else ("refused", None, None)
         at_reached: tuple[float, float] | None = None
         while ok:
             elapsed = time.monotonic() - t0
             with g.lock:
                 reached = g.servo[servo]["reached"] > reached0
-                state = (g.servo[servo]["status"] or {}).get("state")
+                status = g.servo[servo]["status"] or {}
                 pose_now = g.pose.copy()
+            state = status.get("state")
             if reached:
                 end, t_conv = "converged", elapsed
                 at_reached = tuple(float(v) for v in pose_error(pose_now, true_target))
@@ -818,6 +833,13 @@ class _Bench:
             if state in ("workspace", "fault"):
                 end = state
                 break
+            if str(status.get("reason", "")).startswith(HELD_NOT_REACHED):   # an honest "not reached"
+                t_held = elapsed if t_held is None else t_held
+                if elapsed - t_held >= HELD_END_S:
+                    end = "held"
+                    break
+            else:
+                t_held = None
             if elapsed >= args.time_limit_s:
                 break
             for c in kids:
@@ -825,6 +847,12 @@ class _Bench:
                     raise BenchError(f"{c.label} exited (code {c.proc.returncode}); log {c.log}:\n{c.tail()}")
             time.sleep(0.02)
         duration = time.monotonic() - t0
+        deadline = time.monotonic() + 1.0   # ~/plane_reached may arrive before the ~/status that says why
+        while end == "converged" and time.monotonic() < deadline:
+            with g.lock:
+                if (g.servo[servo]["status"] or {}).get("state") == "converged":
+                    break
+            time.sleep(0.02)
         with g.lock:
             last_status = dict(g.servo[servo]["status"] or {})
         g.enable(servo, False)
@@ -854,7 +882,8 @@ class _Bench:
                                                            or at_reached[1] > args.success_deg)),
             use_dreamer=None if mode == "oracle" else self.use_dreamer,
             servo_reason=last_status.get("reason"),
-            final_approach=last_status.get("final_approach_survey") or last_status.get("final_approach_check"))
+            final_approach=last_status.get("final_approach_survey") or last_status.get("final_approach_check"),
+            time_to_stop_s=t_conv if t_conv is not None else (t_held if end == "held" else None))
 
 
 def _guidance_error(predicted: np.ndarray | None, T_probe: np.ndarray, T_target: np.ndarray

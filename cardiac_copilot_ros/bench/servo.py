@@ -52,6 +52,7 @@ def run_episode(config: Any, offset: np.ndarray, guidance_hz: float = 30.0, late
     from ..servo import Guidance, ProbePose, ServoController
 
     rng = np.random.default_rng(seed)
+    frame_rng = np.random.default_rng((seed, 1))   # the per-frame target estimates' noise, apart from the guidance's
     ctl = ServoController(config)
     dt = config.control_period_s
     target = np.eye(4)
@@ -74,6 +75,10 @@ def run_episode(config: Any, offset: np.ndarray, guidance_hz: float = 30.0, late
             lin = rel[:3, 3] / 1000.0 + rng.normal(0.0, noise_mm / 1000.0, 3)
             ang = rotation_to_rotvec(rel[:3, :3]) + rng.normal(0.0, np.radians(noise_deg), 3)
             guidance = Guidance(lin, ang, t - latency_s)
+            # the frame's own target estimate (survey_gate frame_target): the true target, with the same noise
+            est = target @ action_to_matrix(np.concatenate([frame_rng.normal(0.0, noise_mm, 3),
+                                                            frame_rng.normal(0.0, noise_deg, 3)]))
+            ctl.set_frame_target(t, est)
             history = [h for h in history if h[0] >= t - latency_s - 0.1] or history[-1:]
         cmd = ctl.step(t, guidance=guidance, probe_pose=ProbePose(T.copy(), t))
         if "plane_reached" in cmd.events:
