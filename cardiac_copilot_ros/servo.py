@@ -254,6 +254,7 @@ class ServoCounters:
     verify_failed: int = 0    # ... it moved with the probe (or the probe could not move)
     surveys_passed: int = 0   # final-approach surveys whose estimates agreed ("plane reached" at their mean)
     surveys_failed: int = 0   # ... whose estimates scattered beyond the tolerance
+    frame_targets: int = 0    # per-frame target estimates taken (frame_target_pose; survey_gate frame_target)
     output_nonfinite: int = 0
     commands: int = 0
 
@@ -430,6 +431,7 @@ class ServoController:
             self.counters.rejected_other += 1
             return False
         self._frame_targets.append((float(now_s), T.copy()))
+        self.counters.frame_targets += 1
         return True
 
     def _prune_history(self, now_s: float) -> None:

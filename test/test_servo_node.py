@@ -396,6 +396,32 @@ def test_pose_in_another_frame_is_rejected(servo: Harness) -> None:
     assert h.wait_cmd(lambda c: c.is_zero)
 
 
+def test_frame_target_estimates_are_taken_in_base_frame_only(servo: Harness) -> None:
+    """frame_target_pose (guidance_node's per-frame target estimates, read by the survey with survey_gate
+    frame_target): taken in base_frame, counted; in another frame or not a pose: rejected and counted."""
+    h = servo
+    pub = h.node.create_publisher(PoseStamped, "frame_target_pose", 10)
+    assert wait_for(lambda: pub.get_subscription_count() > 0, 5.0)
+    before = h.last_status()["counters"]
+
+    def send(frame: str, w: float = 1.0) -> None:
+        msg = PoseStamped()
+        msg.header.stamp = h.node.get_clock().now().to_msg()
+        msg.header.frame_id = frame
+        msg.pose.position.x, msg.pose.position.z = 0.3, 0.4
+        msg.pose.orientation.w = w
+        pub.publish(msg)
+
+    for _ in range(3):
+        send("panda_link0")
+    assert h.wait_counter("frame_targets", before["frame_targets"] + 3)
+    send("world")
+    send("panda_link0", w=0.0)   # a zero quaternion is not a rotation
+    assert h.wait_counter("rejected_other", before["rejected_other"] + 2)
+    assert h.last_status()["counters"]["frame_targets"] == before["frame_targets"] + 3
+    h.node.destroy_publisher(pub)
+
+
 def test_pose_watchdog_and_enable_without_pose(servo: Harness) -> None:
     h = servo
     h.guidance = ([0.1, 0.0, 0.0], [0.0, 0.0, 0.0], 0.0)
