@@ -821,8 +821,10 @@ class ServoController:
             if now_s - v["t"] >= cfg.survey_settle_s and self._g_recv_s > v["last_read_s"]:
                 v["reads"].append(self._implied_target(self._g_lin, self._g_ang))
                 v["last_read_s"] = self._g_recv_s
-            t_read0 = v["t"] + cfg.survey_settle_s
-            frames = [T for t, T in self._frame_targets if t >= t_read0]
+            frames: list[np.ndarray] = []   # this pose's per-frame estimates (only the frame_target gate reads them)
+            if cfg.survey_gate == "frame_target":
+                t_read0 = v["t"] + cfg.survey_settle_s
+                frames = [T for t, T in self._frame_targets if t >= t_read0]
             reading = now_s - v["t"] < cfg.survey_settle_s + cfg.survey_read_s or not v["reads"]
             if cfg.survey_gate == "frame_target" and not frames and \
                     now_s - v["t"] < cfg.survey_settle_s + cfg.survey_read_s + FRAME_TARGET_WAIT_S:

@@ -677,15 +677,20 @@ class _Graph:
         return bool(res.success), str(res.message)
 
     def wait_for(self, predicate: Callable[[], bool], timeout_s: float, what: str,
-                 children: Sequence[_Child] = ()) -> None:
+                 children: Sequence[_Child] = (), required: bool = True, poll_s: float = 0.05) -> bool:
+        """Wait until ``predicate()``; BenchError when a child exits, or on the timeout when ``required``
+        (else False)."""
         deadline = time.monotonic() + timeout_s
         while not predicate():
             for c in children:
                 if not c.alive():
                     raise BenchError(f"{c.label} exited (code {c.proc.returncode}); log {c.log}:\n{c.tail()}")
             if time.monotonic() > deadline:
+                if not required:
+                    return False
                 raise BenchError(f"timed out after {timeout_s:g} s waiting for {what}")
-            time.sleep(0.05)
+            time.sleep(poll_s)
+        return True
 
     def close(self) -> None:
         self._spin.stop()
@@ -847,12 +852,11 @@ class _Bench:
                     raise BenchError(f"{c.label} exited (code {c.proc.returncode}); log {c.log}:\n{c.tail()}")
             time.sleep(0.02)
         duration = time.monotonic() - t0
-        deadline = time.monotonic() + 1.0   # ~/plane_reached may arrive before the ~/status that says why
-        while end == "converged" and time.monotonic() < deadline:
-            with g.lock:
-                if (g.servo[servo]["status"] or {}).get("state") == "converged":
-                    break
-            time.sleep(0.02)
+        if end == "converged":   # ~/plane_reached may arrive before the ~/status that says why
+            def status_converged() -> bool:
+                with g.lock:
+                    return (g.servo[servo]["status"] or {}).get("state") == "converged"
+            g.wait_for(status_converged, 1.0, "the converged ~/status", kids, required=False, poll_s=0.02)
         with g.lock:
             last_status = dict(g.servo[servo]["status"] or {})
         g.enable(servo, False)

@@ -253,24 +253,26 @@ class ServoNode(Node):
             self.get_logger().warning("guidance rejected (non-finite, or stamp older than max_guidance_age_s)",
                                       throttle_duration_sec=2.0)
 
-    def _on_pose(self, msg: PoseStamped) -> None:
-        now = self._now_s()
+    def _base_frame_pose(self, msg: PoseStamped) -> tuple[int, np.ndarray] | str:
+        """(stamp ns, 4x4 mm) of a pose in ``base_frame``, or why it is rejected (another or no frame: it
+        would anchor and check the workspace in the wrong frame; not a finite pose)."""
         frame = msg.header.frame_id
         if frame.lstrip("/") != self._base_frame.lstrip("/"):
-            # a pose in another frame would anchor and check the workspace in the wrong frame:
-            # rejected like a missing pose (the pose watchdog stops the servo)
-            with self._lock:
-                self._ctl.counters.poses_rejected += 1
-            self.get_logger().warning(f"probe_pose in frame {frame!r}, expected {self._base_frame!r}: rejected",
-                                      throttle_duration_sec=2.0)
-            return
+            return f"in frame {frame!r}, expected {self._base_frame!r}"
         try:
-            stamp_ns, T_mm = pose_stamped_to_matrix(msg)
+            return pose_stamped_to_matrix(msg)
         except MessageError as exc:
+            return str(exc)
+
+    def _on_pose(self, msg: PoseStamped) -> None:
+        now = self._now_s()
+        pose = self._base_frame_pose(msg)
+        if isinstance(pose, str):   # rejected like a missing pose (the pose watchdog stops the servo)
             with self._lock:
                 self._ctl.counters.poses_rejected += 1
-            self.get_logger().warning(f"probe_pose rejected: {exc}", throttle_duration_sec=2.0)
+            self.get_logger().warning(f"probe_pose rejected: {pose}", throttle_duration_sec=2.0)
             return
+        stamp_ns, T_mm = pose
         with self._lock:
             self._ctl.set_probe_pose(now, ProbePose(T_mm, stamp_ns * 1e-9))
 
@@ -288,22 +290,16 @@ class ServoNode(Node):
     def _on_frame_target(self, msg: PoseStamped) -> None:
         """guidance_node's per-frame target estimate (base frame): the survey's reads with survey_gate
         frame_target."""
-        frame = msg.header.frame_id
-        why = ""
-        if frame.lstrip("/") != self._base_frame.lstrip("/"):
-            why = f"in frame {frame!r}, expected {self._base_frame!r}"
-        else:
-            try:
-                _, T_mm = pose_stamped_to_matrix(msg)
-            except MessageError as exc:
-                why = str(exc)
+        pose = self._base_frame_pose(msg)
         with self._lock:
-            ok = not why and self._ctl.set_frame_target(self._now_s(), T_mm)
-            if why:
+            if isinstance(pose, str):
                 self._ctl.counters.rejected_other += 1
+                ok = False
+            else:
+                ok = self._ctl.set_frame_target(self._now_s(), pose[1])   # counts its own rejections
         if not ok:
-            self.get_logger().warning(f"frame_target_pose rejected: {why or 'not a finite rigid pose'}",
-                                      throttle_duration_sec=2.0)
+            why = pose if isinstance(pose, str) else "not a finite rigid pose"
+            self.get_logger().warning(f"frame_target_pose rejected: {why}", throttle_duration_sec=2.0)
 
     def _on_enable(self, request: SetBool.Request, response: SetBool.Response) -> SetBool.Response:
         now_ns = self._now_ns()
