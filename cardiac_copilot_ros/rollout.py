@@ -32,7 +32,8 @@ What runs per frame, as in ``guidance_node`` (fused mode) and ``servo_node``:
    / ``_deg``, else a new survey there (``survey_attempts`` in all), then it stays there unconverged.
    Each pose reads both the guidance (``survey_read`` / ``survey_gate`` ``guidance``) and the frame's own
    estimate before fusion (``frame_target``): ``survey_read`` says which mean the probe goes to,
-   ``survey_gate`` whose scatter decides "reached" (the servo's ``survey_gate``).
+   ``survey_gate`` whose scatter decides "reached" (the servo's ``survey_gate``). With ``survey_pool`` a
+   repeated survey's mean and scatter are taken over the estimates of all the surveys so far.
 
 This is a model of the loop, not the loop: no latency, no acceleration limits, no low-pass filter. The
 numbers it gives rank models; ``bench closed-loop`` measures them (validation subjects 8000-8011, 224 px,
@@ -102,6 +103,8 @@ class RolloutConfig:
     #                                 (in fused mode the fused target, as the servo sees it) or each frame's own
     #                                 estimate ("frame_target": T_probe @ U(a), before fusion)
     survey_gate: str = "guidance"   # the scatter that decides "reached": of the "guidance" or "frame_target" reads
+    survey_pool: bool = False       # a repeated survey's target and gate pool the estimates of all the surveys
+    #                                 of this approach (4 + 4 ...), instead of its own only (the servo's survey_pool)
 
     @classmethod
     def from_overrides(cls, overrides: dict[str, Any], base: RolloutConfig | None = None) -> RolloutConfig:
@@ -131,6 +134,8 @@ class RolloutConfig:
         if not (0 < self.survey_step_mm <= 20 and 0 < self.survey_step_deg <= 20 and self.survey_settle_frames >= 0
                 and self.survey_tolerance_mm > 0 and self.survey_tolerance_deg > 0):
             raise ValueError("survey_step_mm/deg must be in (0, 20], survey_settle_frames >= 0, survey tolerances > 0")
+        if not isinstance(self.survey_pool, bool):
+            raise ValueError(f"survey_pool must be true or false, got {self.survey_pool!r}")
         for name in ("survey_read", "survey_gate"):
             if getattr(self, name) not in SURVEY_READS:
                 raise ValueError(f"{name} must be one of {', '.join(SURVEY_READS)}, got {getattr(self, name)!r}")
@@ -201,6 +206,7 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
     before: np.ndarray | None = None    # implied target when the check started
     survey: dict[str, Any] | None = None   # the final-approach survey in progress
     survey_spread: list[float] = []
+    pooled = _reads()                   # estimates of the finished surveys (survey_pool)
     t = float(rng.uniform(0.0, 1.0))   # heartbeat phase at the start
     for _ in range(cfg.steps):
         stage = stages.stage if use_fine else "coarse"
@@ -231,8 +237,12 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
                 T = survey["poses"][survey["k"]]
                 survey["left"], survey["reads"] = cfg.survey_settle_frames + cfg.survey_read_frames, _reads()
                 continue
-            st = survey_target(survey["estimates"][cfg.survey_read])
-            gate = survey_target(survey["estimates"][cfg.survey_gate])
+            if cfg.survey_pool:
+                for kind, estimates in survey["estimates"].items():
+                    pooled[kind] += estimates
+            judged = pooled if cfg.survey_pool else survey["estimates"]
+            st = survey_target(judged[cfg.survey_read])
+            gate = survey_target(judged[cfg.survey_gate])
             T, survey_spread, survey = st.T_mm, [gate.spread_mm, gate.spread_deg], None
             if gate.spread_mm <= cfg.survey_tolerance_mm and gate.spread_deg <= cfg.survey_tolerance_deg:
                 verify, converged = "passed", True

@@ -41,7 +41,9 @@ sides equally often), holds each for ``survey_settle_s``, reads the target the g
 ``survey_read_s``, then servoes the probe (pose control, gain ``survey_gain``) to the robust mean of those
 targets and holds it. "Plane reached" there if the per-pose targets scatter less than
 ``survey_tolerance_m`` / ``_rad``; otherwise a new survey around the mean (``survey_attempts`` per
-enable), then it holds the mean without reporting reached. Which scatter decides is ``survey_gate``:
+enable), then it holds the mean without reporting reached; with ``survey_pool`` a repeated survey's mean
+and scatter are taken over the estimates of all the surveys so far (a second survey judges 8 estimates, not
+a fresh draw of 4). Which scatter decides is ``survey_gate``:
 ``guidance`` (the targets the guidance implies; with the guidance node's fusion they remember the poses
 before, so they agree even where the model is wrong) or ``frame_target`` (the guidance node's per-frame
 target estimates before fusion, :meth:`set_frame_target`, topic ``frame_target_pose``: noisier, but
@@ -145,6 +147,8 @@ class ServoConfig:
     survey_tolerance_rad: float = 0.052   # ... (root mean square about their robust mean; 3 deg)
     survey_gate: str = "guidance"         # whose scatter that is: "guidance" or "frame_target" (SURVEY_READS)
     survey_attempts: int = 1              # surveys per enable (each around the last surveyed target)
+    survey_pool: bool = False             # a repeated survey is judged, and its target taken, over the estimates
+    #                                       of all the surveys since convergence (4 + 4 ...), not its own only
     survey_release_m: float = 0.01        # holding at the surveyed target ends when the guidance's target ...
     survey_release_rad: float = 0.17      # ... lies this far from it (the patient or the plane moved)
 
@@ -156,6 +160,9 @@ class ServoConfig:
         """Raise ValueError naming the first bad field; return self."""
         for f in fields(self):
             value = getattr(self, f.name)
+            if isinstance(f.default, bool) != isinstance(value, bool):
+                raise ValueError(f"{f.name} must be {'true or false' if isinstance(f.default, bool) else 'a number'}, "
+                                 f"got {value!r}")
             if isinstance(value, bool) or f.name in ("stop_mode", "survey_gate"):
                 continue
             if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -787,8 +794,13 @@ class ServoController:
         offsets = survey_offsets(int(cfg.survey_poses), cfg.survey_step_m * 1000.0,
                                  math.degrees(cfg.survey_step_rad))
         goals = [centre @ action_to_matrix(o) for o in offsets]
+        before = self._survey if cfg.survey_pool and self._survey is not None else None
         self._survey = {"phase": "move", "t": now_s, "k": 0, "goals": goals, "reads": [], "estimates": [],
-                        "frame_estimates": [], "last_read_s": -math.inf, "target": None, "passed": False}
+                        "frame_estimates": [], "last_read_s": -math.inf, "target": None, "passed": False,
+                        # survey_pool: the finished surveys' estimates, judged together with this one's
+                        "pooled": [] if before is None else before["pooled"] + before["estimates"],
+                        "pooled_frames": [] if before is None else before["pooled_frames"] + before["frame_estimates"],
+                        "number": 1 if before is None else before["number"] + 1}
         self._within_since_s = None
 
     def _pose_command(self, goal_T: np.ndarray, gain_linear: float,
@@ -840,11 +852,12 @@ class ServoController:
             if v["k"] < n:
                 v["phase"] = "move"
                 return zero
-            st = survey_target(v["estimates"])
+            st = survey_target(v["pooled"] + v["estimates"])
             v["target"], v["phase"] = st.T_mm, "goto"
             tol = (f"(tolerance {cfg.survey_tolerance_m * 1000:.1f} mm / "
                    f"{math.degrees(cfg.survey_tolerance_rad):.1f} deg)")
-            guidance_text = f"the {n} estimates scatter {st.spread_mm:.1f} mm / {st.spread_deg:.1f} deg"
+            of = f" of {v['number']} surveys" if v["pooled"] else ""
+            guidance_text = f"the {st.n} estimates{of} scatter {st.spread_mm:.1f} mm / {st.spread_deg:.1f} deg"
             if cfg.survey_gate == "guidance":
                 v["passed"] = st.spread_mm <= cfg.survey_tolerance_m * 1000.0 and \
                     math.radians(st.spread_deg) <= cfg.survey_tolerance_rad
@@ -854,10 +867,11 @@ class ServoController:
                 why = (f"per-frame target estimates (frame_target_pose) at {len(v['frame_estimates'])} of the {n} "
                        f"poses only (survey_gate frame_target); {guidance_text}")
             else:
-                ft = survey_target(v["frame_estimates"])
+                ft = survey_target(v["pooled_frames"] + v["frame_estimates"])
                 v["passed"] = ft.spread_mm <= cfg.survey_tolerance_m * 1000.0 and \
                     math.radians(ft.spread_deg) <= cfg.survey_tolerance_rad
-                why = (f"the {n} per-frame estimates scatter {ft.spread_mm:.1f} mm / {ft.spread_deg:.1f} deg {tol}; "
+                why = (f"the {ft.n} per-frame estimates{of} scatter {ft.spread_mm:.1f} mm / {ft.spread_deg:.1f} deg "
+                       f"{tol}; "
                        f"the guidance's {st.spread_mm:.1f} mm / {st.spread_deg:.1f} deg")
             self.survey_result = ("passed: " if v["passed"] else "failed: ") + why
             if v["passed"]:

@@ -184,6 +184,41 @@ def test_rollout_survey_gate_reads_the_frames_own_estimates():
             rollout.RolloutConfig(**bad).validate()
 
 
+class SettlingJitterModel(JitterModel):
+    """JitterModel for the first ``jitter_frames`` frames, then exact."""
+
+    def __init__(self, renderer: PoseRecordingRenderer, jitter_frames: int) -> None:
+        super().__init__(renderer)
+        self.jitter_frames = jitter_frames
+
+    def predict(self, frame, plane=None, refine=None) -> Prediction:
+        if self.calls >= self.jitter_frames:
+            self.error = np.zeros(6)
+            return TrueMotionModel.predict(self, frame, plane, refine)
+        return super().predict(frame, plane, refine)
+
+
+def test_rollout_pooled_second_survey_judges_both_surveys():
+    """survey_attempts 2, frame_target gate: the frames' own estimates disagree (+-6 mm) during the first
+    survey and agree exactly from then on. The second survey alone passes ("reached" after one failed
+    survey); pooled with the first survey's estimates it fails: not reached."""
+    r = PoseRecordingRenderer(20008)
+    cfg = rollout.RolloutConfig(render_size=32, survey_poses=4, survey_attempts=1, steps=200, survey_settle_frames=2,
+                                survey_read_frames=1, survey_gate="frame_target")
+    first = rollout.run_episode(r, "PLAX", JitterModel(r), config=cfg, rng=np.random.default_rng(6))
+    assert first.verify == "failed"   # the episode ends with its first survey: its length is when that ends
+    two = dataclasses.replace(cfg, survey_attempts=2)
+    fresh = rollout.run_episode(r, "PLAX", SettlingJitterModel(r, first.frames), config=two,
+                                rng=np.random.default_rng(6))
+    assert fresh.verify == "passed" and fresh.converged and fresh.survey_spread[0] < 0.1
+    pooled = rollout.run_episode(r, "PLAX", SettlingJitterModel(r, first.frames),
+                                 config=dataclasses.replace(two, survey_pool=True), rng=np.random.default_rng(6))
+    assert pooled.verify == "failed" and not pooled.converged and pooled.survey_spread[0] > 3.0
+    assert pooled.frames == fresh.frames   # the same two surveys, judged differently
+    with pytest.raises(ValueError, match="survey_pool"):
+        rollout.RolloutConfig(survey_pool=1).validate()
+
+
 def test_rollout_summary_and_config_checks():
     r = PoseRecordingRenderer(20004)
     model = TrueMotionModel(r)
@@ -305,6 +340,15 @@ def test_dagger_command_rolls_out_retrains_validates_and_resumes(tmp_path):
     # resumable: a second run redoes nothing
     stamp = {p: p.stat().st_mtime_ns for p in (out / "iter_1" / "states.npz", out / "iter_1" / "bundle.pt",
                                                out / "iter_1" / "val.json")}
+    assert cli.main(argv) == 0
+    assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
+    # a validation cached before a rollout setting existed (an older version, here without survey_pool) is
+    # still valid: the new setting's default is the loop it was made with
+    val_path = out / "iter_1" / "val.json"
+    old = json.loads(val_path.read_text())
+    del old["setting"]["rollout"]["survey_pool"]
+    val_path.write_text(json.dumps(old))
+    stamp[val_path] = val_path.stat().st_mtime_ns
     assert cli.main(argv) == 0
     assert all(p.stat().st_mtime_ns == t for p, t in stamp.items())
     # another --rollout-set (e.g. the servo's survey) validates every iteration again under it, keeps the rest

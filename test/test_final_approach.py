@@ -229,3 +229,48 @@ def test_frame_target_input_and_gate_setting_are_validated() -> None:
     assert sim.ctl.set_frame_target(0.0, TARGET)
     with pytest.raises(ValueError, match="survey_gate"):
         CFG.updated(survey_gate="fused")
+
+
+def _sim_by_survey(cfg, spreads_mm: tuple[float, ...]) -> FrameTargetSim:
+    """A FrameTargetSim whose per-frame estimates scatter ``spreads_mm[k]`` during the servo's survey
+    ``k`` (counted by its failed surveys; the last value from then on)."""
+    sim = FrameTargetSim(_truth, None, cfg, START)
+    models = [_frame_estimates(s) for s in spreads_mm]
+    sim.frame_model = lambda T: models[min(sim.ctl.counters.surveys_failed, len(models) - 1)](T)
+    return sim
+
+
+def test_pooled_second_survey_is_judged_over_both_surveys() -> None:
+    """survey_attempts 2 with the frame_target gate: the first survey's per-frame estimates disagree
+    (+-6 mm), the second's agree (+-0.3 mm). Judged on its own the second survey passes: one lucky draw
+    is enough for "plane reached" (offline, session 7: 5 false of 108 starts). With survey_pool it is
+    judged over the 8 estimates of both surveys, and the servo holds there, not reached, saying so."""
+    cfg = CFG.updated(survey_poses=4, survey_gate="frame_target", survey_attempts=2)
+    fresh = _sim_by_survey(cfg, (6.0, 0.3))
+    fresh.enable()
+    cmds = published(fresh.run(40.0))
+    assert [e for c in cmds for e in c.events].count("plane_reached") == 1
+    assert fresh.ctl.counters.surveys_failed == 1 and fresh.ctl.counters.surveys_passed == 1
+    assert "the 4 per-frame estimates scatter" in fresh.ctl.status()["final_approach_survey"]
+
+    pooled = _sim_by_survey(cfg.updated(survey_pool=True), (6.0, 0.3))
+    pooled.enable()
+    cmds = published(pooled.run(40.0))
+    assert not any("plane_reached" in c.events for c in cmds)
+    assert pooled.ctl.counters.surveys_failed == 2 and pooled.ctl.counters.converged == 0
+    reason = pooled.ctl.reason
+    assert "not reached" in reason and "the 8 per-frame estimates of 2 surveys scatter" in reason, reason
+    # the probe still holds at the surveyed target (the mean of all 8 guidance reads: here the truth)
+    assert np.linalg.norm(pooled.pose.T_mm[:3, 3] - TARGET[:3, 3]) < 2.0
+
+
+def test_pooled_surveys_pass_when_all_agree_and_pool_is_validated() -> None:
+    """Agreeing estimates pass at the first survey whether or not surveys pool (nothing to pool yet);
+    survey_pool must be a bool."""
+    sim = _sim_by_survey(CFG.updated(survey_poses=4, survey_gate="frame_target", survey_attempts=2,
+                                     survey_pool=True), (0.3,))
+    sim.enable()
+    assert [e for c in published(sim.run(25.0)) for e in c.events].count("plane_reached") == 1
+    assert sim.ctl.counters.surveys_passed == 1 and sim.ctl.counters.surveys_failed == 0
+    with pytest.raises(ValueError, match="survey_pool"):
+        CFG.updated(survey_pool="yes")

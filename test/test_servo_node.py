@@ -503,6 +503,8 @@ def test_parameters_validated_and_applied(servo: Harness) -> None:
     assert not h.set_params(survey_gate="fused")[0].successful      # guidance | frame_target
     assert h.set_params(survey_gate="frame_target")[0].successful
     assert h.set_params(survey_gate="guidance")[0].successful
+    assert h.set_params(survey_pool=True)[0].successful
+    assert not h.set_params(survey_pool="yes")[0].successful      # a bool parameter
     assert h.set_params(max_linear_speed_mps=0.01)[0].successful
     h.guidance = ([0.1, 0.0, 0.0], [0.0, 0.0, 0.0], 0.0)
     assert h.enable().success

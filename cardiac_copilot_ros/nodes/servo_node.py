@@ -138,6 +138,8 @@ _PARAMS: dict[str, tuple[str, tuple[float, float] | None]] = {
                     "before fusion: they disagree where the model is wrong).", None),
     "survey_attempts": ("Surveys per enable (each around the last surveyed target); then hold there, "
                         "not reached.", (1, 100)),
+    "survey_pool": ("Survey: a repeated survey is judged, and its target taken, over the estimates of all the "
+                    "surveys since convergence (the first survey's and its own), not its own only.", None),
     "survey_release_m": ("While holding the surveyed target: the guidance's target farther than this [m] from "
                          "it (the patient or the plane moved) -> follow the guidance again.", (0.0, 0.1)),
     "survey_release_rad": ("... or rotated more than this [rad] from it.", (0.0, math.pi)),

@@ -138,7 +138,12 @@ def _validation(path: Path, coarse: str, fine: str | None, args: argparse.Namesp
                "val_episodes_per_plane": args.val_episodes_per_plane, "seed": args.seed}
     if path.is_file():
         doc = json.loads(path.read_text())
-        if doc.get("setting") == setting:
+        cached = doc.get("setting")
+        if isinstance(cached, dict) and isinstance(cached.get("rollout"), dict):
+            # a rollout setting added after this cache was written is missing from it: its default is the
+            # loop the cache was made with (new settings are off by default), so it is not a difference
+            cached = {**cached, "rollout": {**asdict(rollout.RolloutConfig()), **cached["rollout"]}}
+        if cached == setting:
             return doc
         print(f"dagger: {path} was validated with other settings; validating {label} again", file=sys.stderr)
     results = _rollouts(split_seeds("val", args.val_subjects), coarse, fine, args, 10_000 + args.seed,
