@@ -66,7 +66,7 @@ from enum import Enum
 
 import numpy as np
 
-from .final_approach import SURVEY_READS, SURVEY_SIZES, survey_offsets, survey_target
+from .final_approach import SURVEY_READS, SURVEY_SIZES, SurveyTarget, survey_offsets, survey_target
 from .pose import action_to_matrix, rotation_to_rotvec, rotvec_to_rotation
 
 STOP_MODES = ("immediate", "ramp")
@@ -799,9 +799,14 @@ class ServoController:
                         "frame_estimates": [], "last_read_s": -math.inf, "target": None, "passed": False,
                         # survey_pool: the finished surveys' estimates, judged together with this one's
                         "pooled": [] if before is None else before["pooled"] + before["estimates"],
-                        "pooled_frames": [] if before is None else before["pooled_frames"] + before["frame_estimates"],
-                        "number": 1 if before is None else before["number"] + 1}
+                        "pooled_frames": [] if before is None else before["pooled_frames"] + before["frame_estimates"]}
         self._within_since_s = None
+
+    def _within_survey_tolerance(self, st: SurveyTarget) -> bool:
+        """The surveyed estimates agree: their scatter within ``survey_tolerance_m`` / ``_rad``."""
+        cfg = self.config
+        return (st.spread_mm <= cfg.survey_tolerance_m * 1000.0
+                and math.radians(st.spread_deg) <= cfg.survey_tolerance_rad)
 
     def _pose_command(self, goal_T: np.ndarray, gain_linear: float,
                       gain_angular: float) -> tuple[np.ndarray, np.ndarray, float, float]:
@@ -856,11 +861,10 @@ class ServoController:
             v["target"], v["phase"] = st.T_mm, "goto"
             tol = (f"(tolerance {cfg.survey_tolerance_m * 1000:.1f} mm / "
                    f"{math.degrees(cfg.survey_tolerance_rad):.1f} deg)")
-            of = f" of {v['number']} surveys" if v["pooled"] else ""
+            of = f" of {len(v['pooled']) // n + 1} surveys" if v["pooled"] else ""   # n guidance estimates per survey
             guidance_text = f"the {st.n} estimates{of} scatter {st.spread_mm:.1f} mm / {st.spread_deg:.1f} deg"
             if cfg.survey_gate == "guidance":
-                v["passed"] = st.spread_mm <= cfg.survey_tolerance_m * 1000.0 and \
-                    math.radians(st.spread_deg) <= cfg.survey_tolerance_rad
+                v["passed"] = self._within_survey_tolerance(st)
                 why = f"{guidance_text} {tol}"
             elif len(v["frame_estimates"]) < n:
                 v["passed"] = False
@@ -868,8 +872,7 @@ class ServoController:
                        f"poses only (survey_gate frame_target); {guidance_text}")
             else:
                 ft = survey_target(v["pooled_frames"] + v["frame_estimates"])
-                v["passed"] = ft.spread_mm <= cfg.survey_tolerance_m * 1000.0 and \
-                    math.radians(ft.spread_deg) <= cfg.survey_tolerance_rad
+                v["passed"] = self._within_survey_tolerance(ft)
                 why = (f"the {ft.n} per-frame estimates{of} scatter {ft.spread_mm:.1f} mm / {ft.spread_deg:.1f} deg "
                        f"{tol}; "
                        f"the guidance's {st.spread_mm:.1f} mm / {st.spread_deg:.1f} deg")
