@@ -157,6 +157,9 @@ class RolloutResult:
     frames: int
     verify: str = ""                    # final-approach check or survey: "" (off), "passed", "failed"
     survey_spread: list[float] = field(default_factory=list)   # last survey's scatter (mm, deg), if any
+    #: every finished survey, in order: ``attempt`` (1, 2, ...), ``frame`` (frames so far), ``estimates`` (judged),
+    #: ``spread_mm`` / ``spread_deg`` (the gate's scatter), ``error_mm`` / ``error_deg`` (surveyed target vs truth)
+    surveys: list[dict[str, float]] = field(default_factory=list)
     #: (frames, 6): offset of every pose a frame was taken at, from the target (pose = target @ U(offset))
     offsets: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 6)))
     #: (frames,): the stage whose model guided at that frame ("coarse" / "fine")
@@ -206,6 +209,7 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
     before: np.ndarray | None = None    # implied target when the check started
     survey: dict[str, Any] | None = None   # the final-approach survey in progress
     survey_spread: list[float] = []
+    surveys: list[dict[str, float]] = []
     pooled = _reads()                   # estimates of the finished surveys (survey_pool)
     t = float(rng.uniform(0.0, 1.0))   # heartbeat phase at the start
     for _ in range(cfg.steps):
@@ -244,6 +248,10 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
             st = survey_target(judged[cfg.survey_read])
             gate = survey_target(judged[cfg.survey_gate])
             T, survey_spread, survey = st.T_mm, [gate.spread_mm, gate.spread_deg], None
+            err = pose_error(T, target)
+            surveys.append({"attempt": failures + 1, "frame": len(offsets), "estimates": gate.n,
+                            "spread_mm": gate.spread_mm, "spread_deg": gate.spread_deg,
+                            "error_mm": float(err[0]), "error_deg": float(err[1])})
             if gate.spread_mm <= cfg.survey_tolerance_mm and gate.spread_deg <= cfg.survey_tolerance_deg:
                 verify, converged = "passed", True
                 break
@@ -290,7 +298,7 @@ def run_episode(renderer: Any, plane: str, coarse: Predictor, fine: Predictor | 
                          start_offset=[float(v) for v in o0], translation_mm=float(err_mm),
                          rotation_deg=float(err_deg), converged=converged, frames=len(offsets),
                          offsets=np.asarray(offsets, np.float64).reshape(-1, 6), stages=stage_log,
-                         verify=verify, survey_spread=survey_spread)
+                         verify=verify, survey_spread=survey_spread, surveys=surveys)
 
 
 def _start_survey(centre: np.ndarray, cfg: RolloutConfig) -> dict[str, Any]:
@@ -389,6 +397,45 @@ def summarize(results: Sequence[RolloutResult], mm: float = 5.0, deg: float = 5.
     out["per_plane"] = {p: stats([r for r in results if r.plane == p])
                         for p in dict.fromkeys(r.plane for r in results)}
     return out
+
+
+def gate_sweep(results: Sequence[RolloutResult], tolerances_mm: Sequence[float], tolerances_deg: Sequence[float],
+               attempts: Sequence[int], mm: float = 5.0, deg: float = 5.0) -> list[dict[str, Any]]:
+    """What each survey gate would have said on ``results`` (:attr:`RolloutResult.surveys` of rollouts whose every
+    survey failed, so that all attempts ran: ``bench rollout --gate-sweep``).
+
+    A gate (tolerance mm, deg, attempts) reports "reached" at the first of an episode's first ``attempts`` surveys
+    whose scatter is within the tolerance, falsely so when that surveyed target is beyond ``mm`` / ``deg`` from
+    the truth. One row per gate: ``reached``, ``false_reached``, ``episodes``, ``reached_rate``,
+    ``median_frames_to_reached`` (None when none), and ``success`` (the probe ends at the passed survey's target,
+    else at the last one's).
+    """
+    rows = []
+    for n in attempts:
+        for tol_mm in tolerances_mm:
+            for tol_deg in tolerances_deg:
+                reached = false = ok = 0
+                frames = []
+                for r in results:
+                    runs = r.surveys[:int(n)]
+                    hit = next((s for s in runs if s["spread_mm"] <= tol_mm and s["spread_deg"] <= tol_deg), None)
+                    end = hit or (runs[-1] if runs else None)
+                    if end is None:   # never surveyed (it ran out of steps first): it ends where it ended
+                        ok += r.success(mm, deg)
+                        continue
+                    within = end["error_mm"] <= mm and end["error_deg"] <= deg
+                    ok += within
+                    if hit is not None:
+                        reached += 1
+                        false += not within
+                        frames.append(hit["frame"])
+                n_ep = len(results)
+                rows.append({"attempts": int(n), "tolerance_mm": float(tol_mm), "tolerance_deg": float(tol_deg),
+                             "episodes": n_ep, "reached": reached, "false_reached": false,
+                             "reached_rate": reached / n_ep if n_ep else None,
+                             "success_rate": ok / n_ep if n_ep else None,
+                             "median_frames_to_reached": float(np.median(frames)) if frames else None})
+    return rows
 
 
 def states_table(results: Sequence[RolloutResult], stage: str | None = None) -> dict[str, np.ndarray]:

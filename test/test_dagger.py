@@ -215,8 +215,42 @@ def test_rollout_pooled_second_survey_judges_both_surveys():
                                  config=dataclasses.replace(two, survey_pool=True), rng=np.random.default_rng(6))
     assert pooled.verify == "failed" and not pooled.converged and pooled.survey_spread[0] > 3.0
     assert pooled.frames == fresh.frames   # the same two surveys, judged differently
+    # every finished survey is logged: the pooled second one judged 8 estimates, and its target is where it ended
+    assert [(s["attempt"], s["estimates"]) for s in pooled.surveys] == [(1, 4), (2, 8)]
+    assert [(s["attempt"], s["estimates"]) for s in fresh.surveys] == [(1, 4), (2, 4)]
+    last = pooled.surveys[-1]
+    assert last["spread_mm"] == pooled.survey_spread[0] and last["frame"] == pooled.frames
+    assert last["error_mm"] == pytest.approx(pooled.translation_mm) and last["error_deg"] == pytest.approx(
+        pooled.rotation_deg)
     with pytest.raises(ValueError, match="survey_pool"):
         rollout.RolloutConfig(survey_pool=1).validate()
+
+
+def _surveyed(*surveys: tuple[float, float, float, float], final_mm: float = 9.0) -> rollout.RolloutResult:
+    """A rollout whose surveys (scatter mm, deg; surveyed target's error mm, deg) all ran."""
+    logged = [{"attempt": k + 1, "frame": 10 * (k + 1), "estimates": 4 * (k + 1), "spread_mm": a, "spread_deg": b,
+               "error_mm": c, "error_deg": d} for k, (a, b, c, d) in enumerate(surveys)]
+    return rollout.RolloutResult(subject_seed=8000, plane="PLAX", start_offset=[0.0] * 6, translation_mm=final_mm,
+                                 rotation_deg=1.0, converged=False, frames=40, surveys=logged)
+
+
+def test_gate_sweep_replays_each_gate_on_the_logged_surveys():
+    results = [_surveyed((1.0, 1.0, 2.0, 2.0), (0.5, 0.5, 1.0, 1.0)),   # passes any gate at once, truly
+               _surveyed((1.5, 2.5, 6.0, 1.0), (1.2, 1.0, 3.0, 2.0)),   # a loose first gate passes it falsely
+               _surveyed((3.0, 3.0, 8.0, 8.0), (1.1, 2.9, 4.0, 4.0)),   # only the second survey can pass
+               rollout.RolloutResult(subject_seed=8001, plane="PLAX", start_offset=[0.0] * 6, translation_mm=2.0,
+                                     rotation_deg=2.0, converged=False, frames=120)]   # never surveyed
+    rows = {(r["attempts"], r["tolerance_mm"], r["tolerance_deg"]): r
+            for r in rollout.gate_sweep(results, [1.0, 2.0], [3.0], [1, 2])}
+    loose1, tight1, loose2, tight2 = rows[1, 2.0, 3.0], rows[1, 1.0, 3.0], rows[2, 2.0, 3.0], rows[2, 1.0, 3.0]
+    assert (loose1["reached"], loose1["false_reached"]) == (2, 1)
+    assert (tight1["reached"], tight1["false_reached"]) == (1, 0)
+    assert (loose2["reached"], loose2["false_reached"]) == (3, 1)
+    assert (tight2["reached"], tight2["false_reached"]) == (1, 0)
+    # success: the probe ends at the passed survey's target, else at the last run one's, else where it ended
+    assert loose1["success_rate"] == 2 / 4 and tight2["success_rate"] == 4 / 4 and tight1["success_rate"] == 2 / 4
+    assert loose2["median_frames_to_reached"] == 10.0 and loose2["episodes"] == 4
+    assert rollout.gate_sweep([], [1.0], [1.0], [1])[0]["reached_rate"] is None
 
 
 def test_rollout_summary_and_config_checks():
@@ -369,6 +403,24 @@ def test_dagger_command_rolls_out_retrains_validates_and_resumes(tmp_path):
                      "--init-from", str(tmp_path / "fine0")]) == 2
 
 
+def test_bench_rollout_gate_sweep_prints_each_gate(tmp_path, capsys):
+    from cardiac_copilot_ros import cli
+
+    torch.set_num_threads(1)
+    out = tmp_path / "sweep.json"
+    assert cli.main(["bench", "rollout", "--subject-seeds", "8000", "--episodes-per-plane", "1", "--quiet",
+                     "--modes", "fused", "--rollout-set", "steps=2", "render_size=64", "survey_poses=4",
+                     "--gate-sweep", "--sweep-mm", "1,2", "--sweep-deg", "3", "--sweep-attempts", "1,2",
+                     "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| fused | 2 | 2 / 3 | 0 of 3 (0 %) | 0 |" in text
+    doc = json.loads(out.read_text())
+    assert len(doc["gate_sweep"]["fused"]) == 4 and doc["config"]["fused"]["survey_attempts"] == 2
+    assert doc["config"]["fused"]["survey_tolerance_mm"] < 1e-6   # no survey passes: every attempt runs
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "rollout", "--gate-sweep", "--sweep-mm", "1,-2"])
+
+
 def test_bench_rollout_prints_a_table_and_json(tmp_path, capsys):
     from cardiac_copilot_ros import cli
 
@@ -383,4 +435,6 @@ def test_bench_rollout_prints_a_table_and_json(tmp_path, capsys):
     assert len(doc["episodes"]["per_frame"]) == 3 and doc["episodes"]["fused"][0]["frames"] == 2
     assert cli.main(["bench", "rollout", "--rollout-set", "speed=1"]) == 2
     assert cli.main(["bench", "rollout", "--modes", "oracle"]) == 2
+    assert cli.main(["bench", "rollout", "--gate-sweep"]) == 2   # no survey to sweep
+    assert "survey_poses" in capsys.readouterr().err
     assert cli.main(["bench", "rollout", "--bundle", str(tmp_path / "missing.pt")]) == 2

@@ -37,6 +37,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = parser.add_argument_group("gate sweep", "choose the servo's survey gate (survey_tolerance_m / _rad, "
+                                  "survey_attempts) on validation subjects: every survey is run and logged "
+                                  "(none passes), then each gate is replayed on the logs")
+    g.add_argument("--gate-sweep", action="store_true",
+                   help="replay survey gates (needs survey_poses in --rollout-set); prints reached / false reached")
+    g.add_argument("--sweep-mm", type=_floats, default=_floats("1.0,1.2,1.4,1.6,1.8,2.0"), metavar="LIST",
+                   help="scatter tolerances to replay [mm] (default 1.0,1.2,1.4,1.6,1.8,2.0)")
+    g.add_argument("--sweep-deg", type=_floats, default=_floats("1.5,2.0,2.5,3.0"), metavar="LIST",
+                   help="scatter tolerances to replay [deg] (default 1.5,2.0,2.5,3.0)")
+    g.add_argument("--sweep-attempts", type=_floats, default=_floats("1,2,3"), metavar="LIST",
+                   help="survey attempts to replay (default 1,2,3; the rollouts run the largest)")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
 
 
 def format_table(summaries: dict[str, dict]) -> str:
@@ -52,6 +73,31 @@ def format_table(summaries: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def format_sweep(sweeps: dict[str, list[dict]]) -> str:
+    lines = ["| mode | attempts | tolerance (mm / deg) | reached | false reached | success | "
+             "median frames to reached |", "|" + "---|" * 7]
+    for mode, rows in sweeps.items():
+        for r in rows:
+            frames = r["median_frames_to_reached"]
+            lines.append(f"| {mode} | {r['attempts']} | {r['tolerance_mm']:g} / {r['tolerance_deg']:g} | "
+                         f"{r['reached']} of {r['episodes']} ({100 * r['reached_rate']:.0f} %) | "
+                         f"{r['false_reached']} | {100 * r['success_rate']:.0f} % | "
+                         f"{'-' if frames is None else f'{frames:.0f}'} |")
+    return "\n".join(lines)
+
+
+def _sweep_overrides(args: argparse.Namespace, overrides: dict) -> dict:
+    """The rollout settings of a gate sweep: no survey passes (a tolerance no scatter meets), all attempts run."""
+    if not args.gate_sweep:
+        return overrides
+    if any(a != int(a) for a in args.sweep_attempts):
+        raise ValueError("--sweep-attempts must be whole numbers")
+    if not int(overrides.get("survey_poses", 0) or 0):
+        raise ValueError("--gate-sweep needs a survey: add survey_poses=4 (or 8, 12) to --rollout-set")
+    return {**overrides, "survey_tolerance_mm": 1e-9, "survey_tolerance_deg": 1e-9,
+            "survey_attempts": int(max(args.sweep_attempts))}
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import rollout, runtime
     from ..model.bundle import BundleError
@@ -63,7 +109,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"unknown modes {bad}; choose from {', '.join(rollout.MODES)}")
         if args.episodes_per_plane < 1:
             raise ValueError("--episodes-per-plane must be >= 1")
-        configs = {m: rollout.RolloutConfig.from_overrides({**dict(args.rollout_set), "mode": m}) for m in modes}
+        overrides = _sweep_overrides(args, dict(args.rollout_set))
+        configs = {m: rollout.RolloutConfig.from_overrides({**overrides, "mode": m}) for m in modes}
         coarse_path = Path(args.bundle or runtime.default_model_path())
         fine_path = fine_bundle_for(args.fine_bundle, args.bundle is None, coarse_path)
         coarse, fine = rollout.load_runtimes(coarse_path, fine_path, args.threads)
@@ -86,12 +133,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"bench rollout: {coarse_path}" + (f" -> {fine_path}" if fine_path else "") +
           f", subjects {args.subject_seeds[0]}..{args.subject_seeds[-1]} ({len(args.subject_seeds)}), "
           f"{n} episodes in {elapsed:.0f} s ({n / max(elapsed, 1e-9):.1f} episodes/s)")
-    print(format_table(summaries))
+    sweeps = {}
+    if args.gate_sweep:
+        sweeps = {m: rollout.gate_sweep(r, args.sweep_mm, args.sweep_deg, [int(a) for a in args.sweep_attempts])
+                  for m, r in results.items()}
+        print("gate sweep (each survey gate replayed on the same rollouts, in which every survey ran):")
+        print(format_sweep(sweeps))
+    else:
+        print(format_table(summaries))
     if args.json:
         doc = {"bundle": str(coarse_path), "fine_bundle": None if fine_path is None else str(fine_path),
                "subject_seeds": args.subject_seeds,
                "config": {m: asdict(c) for m, c in configs.items()}, "modes": summaries,
                "episodes": {m: [e.summary() for e in r] for m, r in results.items()}}
+        if sweeps:
+            doc["gate_sweep"] = sweeps
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(doc, indent=2))
     return 0
