@@ -149,6 +149,8 @@ class ServoConfig:
     survey_attempts: int = 1              # surveys per enable (each around the last surveyed target)
     survey_pool: bool = False             # a repeated survey is judged, and its target taken, over the estimates
     #                                       of all the surveys since convergence (4 + 4 ...), not its own only
+    survey_reached_m: float = 0.0         # "plane reached" after a passed survey once the probe is within this [m] of
+    survey_reached_rad: float = 0.0       # the surveyed target and this [rad]; 0 = converge_linear_m / _angular_rad
     survey_release_m: float = 0.01        # holding at the surveyed target ends when the guidance's target ...
     survey_release_rad: float = 0.17      # ... lies this far from it (the patient or the plane moved)
 
@@ -894,7 +896,10 @@ class ServoController:
                 self._set_state(ServoState.ACTIVE, f"the target moved {away_mm:.1f} mm / {math.degrees(away_rad):.1f} "
                                 "deg from the surveyed one: following the guidance again")
                 return zero
-        there = d_mm < cfg.converge_linear_m * 1000.0 and d_rad < cfg.converge_angular_rad
+        reach_m, reach_rad = cfg.converge_linear_m, cfg.converge_angular_rad
+        if v["passed"]:   # "plane reached" is said of the probe: it must be at the surveyed target, not near it
+            reach_m, reach_rad = cfg.survey_reached_m or reach_m, cfg.survey_reached_rad or reach_rad
+        there = d_mm < reach_m * 1000.0 and d_rad < reach_rad
         if v["phase"] == "goto" and there:
             v["phase"] = "hold"
             if v["passed"]:

@@ -80,6 +80,39 @@ def test_survey_moves_off_a_spurious_fixed_point_and_reaches_the_plane() -> None
     assert max(abs(c.linear_mps[1]) for c in cmds) > 0.004
 
 
+def _pose_when_reached(cfg) -> tuple[np.ndarray, np.ndarray]:
+    """The probe pose when "plane_reached" is published after a passed survey, and where it rests later (the
+    surveyed target: the servo holds it)."""
+    sim = KinematicSim(_biased(TARGET), cfg, START)
+    sim.enable()
+    at = None
+    for _ in range(500):
+        if any("plane_reached" in c.events for c in published(sim.run(0.05))) and at is None:
+            at = sim.pose.T_mm.copy()
+    assert at is not None and sim.ctl.state == ServoState.CONVERGED
+    return at, sim.pose.T_mm
+
+
+def _apart(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    rel = np.linalg.solve(a, b)
+    return float(np.linalg.norm(rel[:3, 3])), float(np.degrees(np.linalg.norm(rotation_to_rotvec(rel[:3, :3]))))
+
+
+def test_plane_reached_after_a_survey_waits_until_the_probe_is_at_the_surveyed_target() -> None:
+    """survey_reached_m / _rad: "plane reached" is said of the probe, so after a passed survey it waits until the
+    probe is that close to the surveyed target, not merely within the convergence tolerance of it."""
+    cfg = CFG.updated(survey_poses=4, converge_linear_m=0.003, converge_angular_rad=0.05)
+    loose_at, loose_rest = _pose_when_reached(cfg)
+    tight_at, tight_rest = _pose_when_reached(cfg.updated(survey_reached_m=0.0003, survey_reached_rad=0.005))
+    assert np.allclose(loose_rest, tight_rest, atol=0.05)   # the same surveyed target either way
+    loose_mm, loose_deg = _apart(loose_at, loose_rest)
+    tight_mm, tight_deg = _apart(tight_at, tight_rest)
+    assert tight_mm < 0.35 and tight_deg < 0.35
+    assert loose_mm > 2 * tight_mm or loose_deg > 2 * tight_deg, (loose_mm, loose_deg, tight_mm, tight_deg)
+    with pytest.raises(ValueError, match="survey_reached_m"):
+        cfg.updated(survey_reached_m=-0.001)
+
+
 def test_survey_with_scattered_estimates_never_reports_reached() -> None:
     """Estimates that disagree from pose to pose (scatter beyond the tolerance): the servo holds at
     their mean, never reports reached, and the status says why."""

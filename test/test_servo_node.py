@@ -505,6 +505,8 @@ def test_parameters_validated_and_applied(servo: Harness) -> None:
     assert h.set_params(survey_gate="guidance")[0].successful
     assert h.set_params(survey_pool=True)[0].successful
     assert not h.set_params(survey_pool="yes")[0].successful      # a bool parameter
+    assert h.set_params(survey_reached_m=0.0005, survey_reached_rad=0.0087)[0].successful
+    assert not h.set_params(survey_reached_m=0.05)[0].successful  # beyond its 0-0.01 m range
     assert h.set_params(max_linear_speed_mps=0.01)[0].successful
     h.guidance = ([0.1, 0.0, 0.0], [0.0, 0.0, 0.0], 0.0)
     assert h.enable().success

@@ -138,6 +138,9 @@ _PARAMS: dict[str, tuple[str, tuple[float, float] | None]] = {
                     "before fusion: they disagree where the model is wrong).", None),
     "survey_attempts": ("Surveys per enable (each around the last surveyed target); then hold there, "
                         "not reached.", (1, 100)),
+    "survey_reached_m": ("Survey: after a passed survey, 'plane reached' once the probe is within this [m] of the "
+                         "surveyed target (0 = converge_linear_m).", (0.0, 0.01)),
+    "survey_reached_rad": ("Survey: ... and within this [rad] (0 = converge_angular_rad).", (0.0, 0.2)),
     "survey_pool": ("Survey: a repeated survey is judged, and its target taken, over the estimates of all the "
                     "surveys since convergence (the first survey's and its own), not its own only.", None),
     "survey_release_m": ("While holding the surveyed target: the guidance's target farther than this [m] from "
