@@ -407,7 +407,7 @@ def gate_sweep(results: Sequence[RolloutResult], tolerances_mm: Sequence[float],
     A gate (tolerance mm, deg, attempts) reports "reached" at the first of an episode's first ``attempts`` surveys
     whose scatter is within the tolerance, falsely so when that surveyed target is beyond ``mm`` / ``deg`` from
     the truth. One row per gate: ``reached``, ``false_reached``, ``episodes``, ``reached_rate``,
-    ``median_frames_to_reached`` (None when none), and ``success`` (the probe ends at the passed survey's target,
+    ``median_frames_to_reached`` (None when none), and ``success_rate`` (the probe ends at the passed survey's target,
     else at the last one's).
     """
     rows = []
