@@ -43,6 +43,7 @@ the check on: 56 % for session 3's fine model and 75 % for the DAgger one, where
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -411,30 +412,28 @@ def gate_sweep(results: Sequence[RolloutResult], tolerances_mm: Sequence[float],
     else at the last one's).
     """
     rows = []
-    for n in attempts:
-        for tol_mm in tolerances_mm:
-            for tol_deg in tolerances_deg:
-                reached = false = ok = 0
-                frames = []
-                for r in results:
-                    runs = r.surveys[:int(n)]
-                    hit = next((s for s in runs if s["spread_mm"] <= tol_mm and s["spread_deg"] <= tol_deg), None)
-                    end = hit or (runs[-1] if runs else None)
-                    if end is None:   # never surveyed (it ran out of steps first): it ends where it ended
-                        ok += r.success(mm, deg)
-                        continue
-                    within = end["error_mm"] <= mm and end["error_deg"] <= deg
-                    ok += within
-                    if hit is not None:
-                        reached += 1
-                        false += not within
-                        frames.append(hit["frame"])
-                n_ep = len(results)
-                rows.append({"attempts": int(n), "tolerance_mm": float(tol_mm), "tolerance_deg": float(tol_deg),
-                             "episodes": n_ep, "reached": reached, "false_reached": false,
-                             "reached_rate": reached / n_ep if n_ep else None,
-                             "success_rate": ok / n_ep if n_ep else None,
-                             "median_frames_to_reached": float(np.median(frames)) if frames else None})
+    for n, tol_mm, tol_deg in itertools.product(attempts, tolerances_mm, tolerances_deg):
+        reached = false = ok = 0
+        frames = []
+        for r in results:
+            runs = r.surveys[:int(n)]
+            hit = next((s for s in runs if s["spread_mm"] <= tol_mm and s["spread_deg"] <= tol_deg), None)
+            end = hit or (runs[-1] if runs else None)
+            if end is None:   # never surveyed (it ran out of steps first): it ends where it ended
+                ok += r.success(mm, deg)
+                continue
+            within = end["error_mm"] <= mm and end["error_deg"] <= deg
+            ok += within
+            if hit is not None:
+                reached += 1
+                false += not within
+                frames.append(hit["frame"])
+        n_ep = len(results)
+        rows.append({"attempts": int(n), "tolerance_mm": float(tol_mm), "tolerance_deg": float(tol_deg),
+                     "episodes": n_ep, "reached": reached, "false_reached": false,
+                     "reached_rate": reached / n_ep if n_ep else None,
+                     "success_rate": ok / n_ep if n_ep else None,
+                     "median_frames_to_reached": float(np.median(frames)) if frames else None})
     return rows
 
 

@@ -12,6 +12,7 @@ from test_servo_stability import KinematicSim
 from cardiac_copilot_ros.final_approach import SURVEY_SIZES, survey_offsets, survey_target
 from cardiac_copilot_ros.pose import action_to_matrix, rotation_to_rotvec
 from cardiac_copilot_ros.servo import ServoState
+from cardiac_copilot_ros.target_fusion import pose_residual
 
 TARGET = np.eye(4)
 TARGET[:3, 3] = [300.0, 0.0, 400.0]
@@ -93,11 +94,6 @@ def _pose_when_reached(cfg) -> tuple[np.ndarray, np.ndarray]:
     return at, sim.pose.T_mm
 
 
-def _apart(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    rel = np.linalg.solve(a, b)
-    return float(np.linalg.norm(rel[:3, 3])), float(np.degrees(np.linalg.norm(rotation_to_rotvec(rel[:3, :3]))))
-
-
 def test_plane_reached_after_a_survey_waits_until_the_probe_is_at_the_surveyed_target() -> None:
     """survey_reached_m / _rad: "plane reached" is said of the probe, so after a passed survey it waits until the
     probe is that close to the surveyed target, not merely within the convergence tolerance of it."""
@@ -105,8 +101,8 @@ def test_plane_reached_after_a_survey_waits_until_the_probe_is_at_the_surveyed_t
     loose_at, loose_rest = _pose_when_reached(cfg)
     tight_at, tight_rest = _pose_when_reached(cfg.updated(survey_reached_m=0.0003, survey_reached_rad=0.005))
     assert np.allclose(loose_rest, tight_rest, atol=0.05)   # the same surveyed target either way
-    loose_mm, loose_deg = _apart(loose_at, loose_rest)
-    tight_mm, tight_deg = _apart(tight_at, tight_rest)
+    loose_mm, loose_deg = pose_residual(loose_at, loose_rest)
+    tight_mm, tight_deg = pose_residual(tight_at, tight_rest)
     assert tight_mm < 0.35 and tight_deg < 0.35
     assert loose_mm > 2 * tight_mm or loose_deg > 2 * tight_deg, (loose_mm, loose_deg, tight_mm, tight_deg)
     with pytest.raises(ValueError, match="survey_reached_m"):

@@ -42,22 +42,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                   "(none passes), then each gate is replayed on the logs")
     g.add_argument("--gate-sweep", action="store_true",
                    help="replay survey gates (needs survey_poses in --rollout-set); prints reached / false reached")
-    g.add_argument("--sweep-mm", type=_floats, default=_floats("1.0,1.2,1.4,1.6,1.8,2.0"), metavar="LIST",
+    g.add_argument("--sweep-mm", type=_positive_list, default=_positive_list("1.0,1.2,1.4,1.6,1.8,2.0"), metavar="LIST",
                    help="scatter tolerances to replay [mm] (default 1.0,1.2,1.4,1.6,1.8,2.0)")
-    g.add_argument("--sweep-deg", type=_floats, default=_floats("1.5,2.0,2.5,3.0"), metavar="LIST",
+    g.add_argument("--sweep-deg", type=_positive_list, default=_positive_list("1.5,2.0,2.5,3.0"), metavar="LIST",
                    help="scatter tolerances to replay [deg] (default 1.5,2.0,2.5,3.0)")
-    g.add_argument("--sweep-attempts", type=_floats, default=_floats("1,2,3"), metavar="LIST",
+    g.add_argument("--sweep-attempts", type=_whole_numbers, default=_whole_numbers("1,2,3"), metavar="LIST",
                    help="survey attempts to replay (default 1,2,3; the rollouts run the largest)")
 
 
-def _floats(text: str) -> list[float]:
+def _positive_list(text: str, kind: type = float) -> list:
+    """A comma-separated list of positive numbers of ``kind`` (argparse type; ``kind`` int: whole numbers)."""
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
+        values = [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of numbers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of {kind.__name__}s, got {text!r}") from None
     if not values or any(not v > 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
     return values
+
+
+def _whole_numbers(text: str) -> list[int]:
+    return _positive_list(text, int)
 
 
 def format_table(summaries: dict[str, dict]) -> str:
@@ -90,12 +95,10 @@ def _sweep_overrides(args: argparse.Namespace, overrides: dict) -> dict:
     """The rollout settings of a gate sweep: no survey passes (a tolerance no scatter meets), all attempts run."""
     if not args.gate_sweep:
         return overrides
-    if any(a != int(a) for a in args.sweep_attempts):
-        raise ValueError("--sweep-attempts must be whole numbers")
     if not int(overrides.get("survey_poses", 0) or 0):
         raise ValueError("--gate-sweep needs a survey: add survey_poses=4 (or 8, 12) to --rollout-set")
     return {**overrides, "survey_tolerance_mm": 1e-9, "survey_tolerance_deg": 1e-9,
-            "survey_attempts": int(max(args.sweep_attempts))}
+            "survey_attempts": max(args.sweep_attempts)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
           f"{n} episodes in {elapsed:.0f} s ({n / max(elapsed, 1e-9):.1f} episodes/s)")
     sweeps = {}
     if args.gate_sweep:
-        sweeps = {m: rollout.gate_sweep(r, args.sweep_mm, args.sweep_deg, [int(a) for a in args.sweep_attempts])
+        sweeps = {m: rollout.gate_sweep(r, args.sweep_mm, args.sweep_deg, args.sweep_attempts)
                   for m, r in results.items()}
         print("gate sweep (each survey gate replayed on the same rollouts, in which every survey ran):")
         print(format_sweep(sweeps))
