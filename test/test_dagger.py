@@ -234,6 +234,27 @@ def _surveyed(*surveys: tuple[float, float, float, float], final_mm: float = 9.0
                                  rotation_deg=1.0, converged=False, frames=40, surveys=logged)
 
 
+def test_survey_moves_stop_short_where_the_servo_counts_a_pose_as_arrived():
+    """survey_arrive_mm / _deg: the probe stops on the straight path where it is within both tolerances of the
+    survey pose (the servo's survey_arrive_m / _rad), as far from it as they allow; 0 = exactly there."""
+    from cardiac_copilot_ros.pose import pose_error
+
+    goal = action_to_matrix([12.0, 0, 0, 6.0, 0, 0])   # 12 mm and 6 deg away: translation binds
+    exact = rollout.RolloutConfig(survey_poses=4)
+    assert np.allclose(rollout._arrive(np.eye(4), goal, exact), goal)
+    cfg = rollout.RolloutConfig(survey_poses=4, survey_arrive_mm=2.0, survey_arrive_deg=2.3)
+    stop = rollout._arrive(np.eye(4), goal, cfg)
+    left_mm, left_deg = pose_error(stop, goal)
+    assert left_mm == pytest.approx(2.0, abs=1e-6) and left_deg == pytest.approx(1.0, abs=1e-3)
+    moved_mm, moved_deg = pose_error(np.eye(4), stop)
+    assert moved_mm == pytest.approx(10.0, abs=1e-6) and moved_deg == pytest.approx(5.0, abs=1e-3)
+    near = action_to_matrix([1.0, 0, 0, 1.0, 0, 0])    # already within both: no move
+    assert np.allclose(rollout._arrive(np.eye(4), near, cfg), np.eye(4))
+    for bad in ({"survey_arrive_mm": 2.0}, {"survey_arrive_mm": -1.0, "survey_arrive_deg": 2.0}):
+        with pytest.raises(ValueError, match="survey_arrive"):
+            rollout.RolloutConfig(**bad).validate()
+
+
 def test_gate_sweep_replays_each_gate_on_the_logged_surveys():
     results = [_surveyed((1.0, 1.0, 2.0, 2.0), (0.5, 0.5, 1.0, 1.0)),   # passes any gate at once, truly
                _surveyed((1.5, 2.5, 6.0, 1.0), (1.2, 1.0, 3.0, 2.0)),   # a loose first gate passes it falsely
@@ -275,6 +296,22 @@ def test_rollout_runs_the_shipped_runtime():
     rt = GuidanceRuntime(default_model_path(), engine="torch", warmup=0)
     res = rollout.run_episodes([20005], ["PLAX"], rt, config=rollout.RolloutConfig(steps=3, render_size=64))
     assert len(res) == 1 and res[0].frames == 3 and np.isfinite(res[0].offsets).all()
+
+
+def test_rollouts_in_processes_are_the_same_episodes_in_the_same_order():
+    """run_episodes_parallel: two processes give exactly what one gives (coarse to fine, real bundles)."""
+    from cardiac_copilot_ros.runtime import default_fine_model_path, default_model_path
+
+    cfg = rollout.RolloutConfig(steps=6, render_size=48, noise_mm=0.5, noise_deg=0.5)
+    coarse, fine = default_model_path(), default_fine_model_path()
+    seen: list[rollout.RolloutResult] = []
+    one = rollout.run_episodes_parallel([20007, 20008, 20009], coarse, fine, cfg, seed=3, workers=1, threads=1)
+    two = rollout.run_episodes_parallel([20007, 20008, 20009], coarse, fine, cfg, seed=3, workers=2, threads=1,
+                                        progress=seen.append)
+    assert len(one) == len(two) == len(seen) == 9
+    assert [(r.subject_seed, r.plane) for r in two] == [(s, p) for s in (20007, 20008, 20009) for p in PLANES]
+    for a, b in zip(one, two, strict=True):
+        assert np.array_equal(a.offsets, b.offsets) and a.stages == b.stages
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,6 +472,7 @@ def test_bench_rollout_prints_a_table_and_json(tmp_path, capsys):
     assert len(doc["episodes"]["per_frame"]) == 3 and doc["episodes"]["fused"][0]["frames"] == 2
     assert cli.main(["bench", "rollout", "--rollout-set", "speed=1"]) == 2
     assert cli.main(["bench", "rollout", "--modes", "oracle"]) == 2
+    assert cli.main(["bench", "rollout", "--workers", "-1"]) == 2
     assert cli.main(["bench", "rollout", "--gate-sweep"]) == 2   # no survey to sweep
     assert "survey_poses" in capsys.readouterr().err
     assert cli.main(["bench", "rollout", "--bundle", str(tmp_path / "missing.pt")]) == 2

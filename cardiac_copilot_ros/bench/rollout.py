@@ -1,11 +1,11 @@
 """``cardiac-copilot bench rollout``: a quick closed-loop estimate without ROS (:mod:`cardiac_copilot_ros.rollout`).
 
-The guidance node's logic (coarse to fine, fused target) and a kinematic servo, frame by frame in one
-process: about 2 episodes per second on 2 cores, where ``bench closed-loop`` (real nodes over DDS, in
-real time) takes about 15 s per episode. It ranks models and runtime settings on validation subjects
-before the real bench measures the chosen one; it has no latency or acceleration limits (the servo's
-final-approach check only with ``--rollout-set verify_step_mm=8``), so its success rates are not the
-real loop's.
+The guidance node's logic (coarse to fine, fused target) and a kinematic servo, frame by frame, one
+process per CPU core (``--workers``; the same episodes whatever the number): about 1.5 episodes per second
+on 2 cores, where ``bench closed-loop`` (real nodes over DDS, in real time) takes about 15 s per episode. It
+ranks models and runtime settings on validation subjects before the real bench measures the chosen one; it
+has no latency or acceleration limits (the servo's final-approach check only with ``--rollout-set
+verify_step_mm=8``), so its success rates are not the real loop's.
 
 Example: ``cardiac-copilot bench rollout --subject-seeds 8000-8011 --fine-bundle runs/dagger_fine/iter_3/bundle.pt``
 """
@@ -34,7 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
     parser.add_argument("--rollout-set", nargs="+", default=[], metavar="KEY=VALUE", type=key_value_arg,
                         help="rollout.RolloutConfig overrides (e.g. steps=80 gain=0.4 stop_frames=10)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per process (0: the CPU cores shared among --workers)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes, each running whole subjects (0: one per CPU core; 1: in this process); "
+                             "the same episodes whatever the number")
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     g = parser.add_argument_group("gate sweep", "choose the servo's survey gate (survey_tolerance_m / _rad, "
@@ -103,7 +107,7 @@ def _sweep_overrides(args: argparse.Namespace, overrides: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from .. import rollout, runtime
-    from ..model.bundle import BundleError
+    from ..model.bundle import BundleError, load_bundle
 
     try:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -116,18 +120,23 @@ def run(args: argparse.Namespace) -> int:
         configs = {m: rollout.RolloutConfig.from_overrides({**overrides, "mode": m}) for m in modes}
         coarse_path = Path(args.bundle or runtime.default_model_path())
         fine_path = fine_bundle_for(args.fine_bundle, args.bundle is None, coarse_path)
-        coarse, fine = rollout.load_runtimes(coarse_path, fine_path, args.threads)
+        if args.workers < 0 or args.threads < 0:
+            raise ValueError("--workers and --threads must be >= 0")
+        planes = load_bundle(coarse_path).planes
+        if fine_path is not None:
+            load_bundle(fine_path)
     except (ValueError, FileNotFoundError, BundleError) as exc:
         print(f"bench rollout: {exc}", file=sys.stderr)
         return 2
-    total = len(modes) * len(args.subject_seeds) * len(coarse.planes) * args.episodes_per_plane
+    total = len(modes) * len(args.subject_seeds) * len(planes) * args.episodes_per_plane
     bar = rollout.EpisodeProgress(total, "bench rollout", not args.quiet)
     t0 = time.monotonic()
     results = {}
     try:
         for mode, cfg in configs.items():
-            results[mode] = rollout.run_episodes(args.subject_seeds, coarse.planes, coarse, fine, cfg, seed=args.seed,
-                                                 episodes_per_plane=args.episodes_per_plane, progress=bar)
+            results[mode] = rollout.run_episodes_parallel(
+                args.subject_seeds, coarse_path, fine_path, cfg, seed=args.seed,
+                episodes_per_plane=args.episodes_per_plane, progress=bar, workers=args.workers, threads=args.threads)
     finally:
         bar.close()
     elapsed = time.monotonic() - t0

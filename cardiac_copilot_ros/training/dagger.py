@@ -80,11 +80,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training config overrides on top of the preset (e.g. batch_size=16 workers=0)")
     parser.add_argument("--rollout-set", nargs="+", default=[], metavar="KEY=VALUE", type=key_value_arg,
                         help="rollout.RolloutConfig overrides (e.g. steps=80 gain=0.4)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per process (0: training gets torch's default, rollouts the cores "
+                             "shared among --workers)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="processes for the rollouts (0: one per CPU core; 1: in this process); the same "
+                             "episodes whatever the number")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _validate_args(args: argparse.Namespace) -> None:
+    if args.workers < 0 or args.threads < 0:
+        raise ValueError("--workers and --threads must be >= 0")
     if args.iterations < 1 or args.subjects < 1 or args.episodes_per_plane < 1 or args.steps < 1:
         raise ValueError("--iterations, --subjects, --episodes-per-plane and --steps must be >= 1")
     if args.val_subjects < 1 or args.val_episodes_per_plane < 1:
@@ -114,13 +121,14 @@ def _rollout_config(args: argparse.Namespace, noise: bool) -> Any:
 def _rollouts(seeds: list[int], coarse: str, fine: str | None, args: argparse.Namespace, seed: int,
               episodes: int, noise: bool, desc: str) -> list[Any]:
     from cardiac_copilot_ros import rollout
+    from cardiac_copilot_ros.model.bundle import load_bundle
 
-    c, f = rollout.load_runtimes(coarse, fine, args.threads)
     cfg = _rollout_config(args, noise)
-    bar = rollout.EpisodeProgress(len(seeds) * len(c.planes) * episodes, desc, not args.no_progress)
+    planes = load_bundle(coarse).planes
+    bar = rollout.EpisodeProgress(len(seeds) * len(planes) * episodes, desc, not args.no_progress)
     try:
-        return rollout.run_episodes(seeds, c.planes, c, f, cfg, seed=seed, episodes_per_plane=episodes,
-                                    progress=bar)
+        return rollout.run_episodes_parallel(seeds, coarse, fine, cfg, seed=seed, episodes_per_plane=episodes,
+                                             progress=bar, workers=args.workers, threads=args.threads)
     finally:
         bar.close()
 
