@@ -403,6 +403,9 @@ _WORKER: dict[str, Any] = {}
 
 def _worker_init(coarse: str, fine: str | None, threads: int, config: RolloutConfig, seed: int,
                  episodes_per_plane: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's: it stops the pool, quietly
     c, f = load_runtimes(coarse, fine, threads)
     _WORKER.update(coarse=c, fine=f, config=config, seed=seed, episodes=episodes_per_plane)
 
