@@ -50,29 +50,24 @@ demo: setup
 
 # The shipped models (models/default.md): the coarse stage (preset approach) and the fine stage (preset
 # fine), trained side by side with `make -j2 models` (about an hour on 2 cores), exported with fp16
-# weights; then three DAgger iterations on the fine stage (cardiac-copilot dagger, about 80 minutes
-# more), and a fourth whose rollouts include the servo's final-approach survey (the same run continued
-# with survey_poses=4: every iteration is validated again under that loop, about 45 minutes more); the
-# model chosen on validation subjects becomes models/fine.pt. After an interruption the same command
-# resumes every step.
+# weights; then two DAgger iterations on the fine stage whose rollouts include the servo's final-approach
+# survey (cardiac-copilot dagger, the rollouts in one process per core; 68 minutes); the iteration chosen on
+# validation subjects becomes models/fine.pt. About 2 h 10 min in all on the 2-core machine. After an
+# interruption the same command resumes every step.
 TRAIN := $(VENV)/bin/cardiac-copilot train --model baseline --threads 1 --out-dir runs
 runs/default_%/.done: | setup
 	$(TRAIN) --preset $(if $(filter coarse,$*),approach,fine) --run-name default_$* \
 		$(if $(wildcard runs/default_$*/checkpoints/*.pt),--resume runs/default_$*)
 	touch $@
 
-DAGGER_ITERATIONS ?= 3
-DAGGER_SURVEY_ITERATIONS ?= 4
+DAGGER_ITERATIONS ?= 2
 models: runs/default_coarse/.done runs/default_fine/.done
 	$(VENV)/bin/cardiac-copilot export runs/default_coarse --out models/default.pt --fp16
 	$(VENV)/bin/cardiac-copilot export runs/default_fine --out runs/default_fine/bundle.pt --fp16
 	$(VENV)/bin/cardiac-copilot dagger --stage fine --coarse models/default.pt --fine runs/default_fine/bundle.pt \
-		--init runs/default_fine --out runs/dagger_fine --iterations $(DAGGER_ITERATIONS) --subjects 300 \
-		--steps 2000 --rollout-set stop_frames=10
-	$(VENV)/bin/cardiac-copilot dagger --stage fine --coarse models/default.pt --fine runs/default_fine/bundle.pt \
-		--init runs/default_fine --out runs/dagger_fine --iterations $(DAGGER_SURVEY_ITERATIONS) --subjects 300 \
+		--init runs/default_fine --out runs/dagger_fine_survey --iterations $(DAGGER_ITERATIONS) --subjects 300 \
 		--steps 2000 --rollout-set stop_frames=10 survey_poses=4
-	cp "$$(cat runs/dagger_fine/best.txt)" models/fine.pt
+	cp "$$(cat runs/dagger_fine_survey/best.txt)" models/fine.pt
 	$(MAKE) setup
 
 clean:

@@ -7,7 +7,8 @@ ranks models and runtime settings on validation subjects before the real bench m
 has no latency or acceleration limits (the servo's final-approach check only with ``--rollout-set
 verify_step_mm=8``), so its success rates are not the real loop's.
 
-Example: ``cardiac-copilot bench rollout --subject-seeds 8000-8011 --fine-bundle runs/dagger_fine/iter_3/bundle.pt``
+Example: ``cardiac-copilot bench rollout --subject-seeds 8000-8011 --fine-bundle
+runs/dagger_fine_survey/iter_2/bundle.pt``
 """
 
 from __future__ import annotations
