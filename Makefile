@@ -52,7 +52,7 @@ demo: setup
 # fine), trained side by side with `make -j2 models` (about an hour on 2 cores), exported with fp16
 # weights; then two DAgger iterations on the fine stage whose rollouts include the servo's final-approach
 # survey (cardiac-copilot dagger, the rollouts in one process per core; 68 minutes); the iteration chosen on
-# validation subjects becomes models/fine.pt. About 2 h 10 min in all on the 2-core machine. After an
+# validation subjects becomes models/fine.pt. About 2 h 11 min in all on the 2-core machine. After an
 # interruption the same command resumes every step.
 TRAIN := $(VENV)/bin/cardiac-copilot train --model baseline --threads 1 --out-dir runs
 runs/default_%/.done: | setup
