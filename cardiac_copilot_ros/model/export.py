@@ -3,6 +3,9 @@
 Turns a run folder (its ``best.pt``) or a checkpoint into one model bundle (policy and Dreamer,
 with metadata; see :mod:`.bundle`), then loads the file back and checks it against the eager
 model (max abs diff <= 1e-4 mm/deg in both modes) before reporting success.
+
+``cardiac-copilot export RUN_A RUN_B [...] --out FILE.pt``: one bundle whose output is the mean of the
+models (an ensemble, :mod:`.ensemble`; members may also be TorchScript bundles), checked the same way.
 """
 
 from __future__ import annotations
@@ -63,6 +66,27 @@ def export_checkpoint(source: str | Path, out: str | Path, fmt: str | None = Non
     return result
 
 
+def export_ensemble(sources: list[str | Path], out: str | Path, fmt: str | None = None, check: bool = True,
+                    fp16: bool = False) -> dict[str, Any]:
+    """One bundle averaging the models of ``sources`` (:mod:`.ensemble`); returns what
+    :func:`export_checkpoint` does."""
+    from cardiac_copilot_ros.model.ensemble import build_ensemble
+
+    model, meta = build_ensemble(sources)
+    out = Path(out)
+    if fmt is None:
+        fmt = "export" if out.suffix == ".pt2" else "torchscript"
+    path = save_bundle(model, out, meta, fmt, weights_dtype="float16" if fp16 else "float32")
+    bundle = load_bundle(path, allow_torch_export=True)  # the file this process just wrote, read back once
+    result: dict[str, Any] = {"path": str(path), "format": fmt, "meta": bundle.meta, "max_abs_diff": None}
+    if check:
+        if fp16:
+            result["fp16_rounding"] = max(check_bundle(model, bundle).values())
+            model = copy.deepcopy(model).half().float()   # the weights as rounded in the file
+        result["max_abs_diff"] = check_bundle(model, bundle)
+    return result
+
+
 def check_bundle(model: torch.nn.Module, bundle: Bundle | str | Path, batch: int = 3, seed: int = 0
                  ) -> dict[str, float]:
     """Max abs difference (mm/deg) between a saved bundle (loaded, or its path) and the eager model, per mode."""
@@ -86,8 +110,10 @@ def check_bundle(model: torch.nn.Module, bundle: Bundle | str | Path, batch: int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", metavar="RUN", help="run folder (uses best.pt) or checkpoint file; with --format "
-                        "onnx also a TorchScript bundle (.pt) to convert")
+    parser.add_argument("run", metavar="RUN", nargs="+",
+                        help="run folder (uses best.pt) or checkpoint file; with --format onnx also a TorchScript "
+                             "bundle (.pt) to convert. Two or more (runs, checkpoints or TorchScript bundles): one "
+                             "bundle whose output is their mean (an ensemble; K times the model time)")
     parser.add_argument("--out", required=True, metavar="FILE", help="bundle to write (.pt, .pt2 or .onnx)")
     parser.add_argument("--format", choices=list(FORMATS), default=None,
                         help="torchscript (.pt, default), export (torch.export .pt2) or onnx (.onnx for ONNX Runtime; "
@@ -108,7 +134,10 @@ def run(args: argparse.Namespace) -> int:
 
         return run_export(args)  # from a run, checkpoint or TorchScript bundle; checked against it
     try:
-        res = export_checkpoint(args.run, args.out, args.format, check=not args.no_check, fp16=args.fp16)
+        if len(args.run) > 1:
+            res = export_ensemble(args.run, args.out, args.format, check=not args.no_check, fp16=args.fp16)
+        else:
+            res = export_checkpoint(args.run[0], args.out, args.format, check=not args.no_check, fp16=args.fp16)
     except (FileNotFoundError, ValueError, BundleError) as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2

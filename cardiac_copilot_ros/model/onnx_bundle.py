@@ -1,6 +1,6 @@
 """ONNX model bundles: the guidance model as one ``.onnx`` file for ONNX Runtime.
 
-``cardiac-copilot export RUN_OR_BUNDLE --format onnx --out FILE.onnx`` (see :func:`export_onnx_bundle`).
+``cardiac-copilot export RUN_OR_BUNDLE [...] --format onnx --out FILE.onnx`` (see :func:`export_onnx_bundle`).
 
 The graph (one graph for policy and Dreamer):
 
@@ -189,9 +189,22 @@ def export_onnx(model: nn.Module, meta: dict[str, Any], path: str | Path | None 
 def eager_from_torchscript(module: nn.Module, meta: dict[str, Any]) -> nn.Module:
     """Rebuild the eager GuidanceModel from a TorchScript bundle module (weights + hyper-parameters).
 
-    Raises :class:`BundleError` when the weights do not fit this code's GuidanceModel.
+    An ensemble bundle (metadata ``ensemble``) gives the eager :class:`~.ensemble.GuidanceEnsemble` of its
+    members. Raises :class:`BundleError` when the weights do not fit this code's GuidanceModel.
     """
     from cardiac_copilot_ros.model.policy import GuidanceModel
+
+    members = (meta.get("ensemble") or {}).get("members") or []
+    if members:
+        from cardiac_copilot_ros.model.ensemble import GuidanceEnsemble
+
+        try:
+            subs = [getattr(module.members, str(i)) for i in range(len(members))]
+        except AttributeError:
+            raise BundleError(f"the metadata lists {len(members)} ensemble members that the module lacks") from None
+        return GuidanceEnsemble([eager_from_torchscript(sub, {
+            **meta, "ensemble": None, **{k: m.get(k) for k in ("backbone", "has_dreamer", "has_uncertainty")}})
+            for sub, m in zip(subs, members, strict=True)]).eval()
 
     state = {k: v.detach().clone() for k, v in module.state_dict().items()}
     kwargs: dict[str, Any] = {"backbone": str(meta["backbone"]), "n_planes": len(meta["planes"]),
@@ -449,15 +462,24 @@ def _is_archive_bundle(path: Path) -> bool:
         return False
 
 
-def export_onnx_bundle(source: str | Path, out: str | Path, check: bool = True) -> dict[str, Any]:
-    """Convert a run folder, checkpoint or TorchScript bundle to ``out`` (.onnx).
+def export_onnx_bundle(source: str | Path | list[str | Path], out: str | Path, check: bool = True) -> dict[str, Any]:
+    """Convert a run folder, checkpoint or TorchScript bundle to ``out`` (.onnx); a list of two or more
+    gives their ensemble (:mod:`.ensemble`).
 
     Returns {path, format, meta, max_abs_diff (per mode or None), reference}.
     """
-    source = Path(source)
-    if not source.exists():
-        raise FileNotFoundError(f"{source}: no such run folder, checkpoint or bundle")
-    model, meta, reference, ref_name = _source_model(source)
+    sources = [Path(s) for s in (source if isinstance(source, (list, tuple)) else [source])]
+    for s in sources:
+        if not s.exists():
+            raise FileNotFoundError(f"{s}: no such run folder, checkpoint or bundle")
+    if len(sources) > 1:
+        from cardiac_copilot_ros.model.ensemble import build_ensemble
+
+        model, meta = build_ensemble(sources)
+        call = model.forward_with_scale if meta.get("has_uncertainty") else model
+        reference, ref_name = (lambda i, p, r: call(i, p, r)), "eager ensemble"
+    else:
+        model, meta, reference, ref_name = _source_model(sources[0])
     out = Path(out)
     data = export_onnx(model, meta, out)
     result: dict[str, Any] = {"path": str(out), "format": "onnx", "meta": meta, "max_abs_diff": None,
@@ -472,7 +494,7 @@ def export_onnx_bundle(source: str | Path, out: str | Path, check: bool = True) 
 def run_export(args: argparse.Namespace) -> int:
     """``cardiac-copilot export ... --format onnx``: 0 ok, 1 check failed, 2 bad input."""
     try:
-        res = export_onnx_bundle(args.run, args.out, check=not args.no_check)
+        res = export_onnx_bundle(list(args.run), args.out, check=not args.no_check)
     except (FileNotFoundError, ValueError, BundleError) as exc:
         print(f"export: {exc}", file=sys.stderr)
         return 2
