@@ -72,37 +72,20 @@ class GuidanceEnsemble(nn.Module):
 
 def _member(source: str | Path) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """(eager model in inference form, its bundle metadata, its entry in ``ensemble.members``)."""
-    from cardiac_copilot_ros.model.onnx_bundle import _is_archive_bundle, eager_from_torchscript
+    from cardiac_copilot_ros.model.onnx_bundle import _source_model
 
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such run folder, checkpoint or bundle")
-    if path.is_file() and path.suffix == ".pt" and path.name != "best.pt" and _is_archive_bundle(path):
-        from cardiac_copilot_ros.model.bundle import load_bundle
-
-        bundle = load_bundle(path)
-        if bundle.fmt != "torchscript":
-            raise BundleError(f"{path}: only TorchScript bundles can be ensemble members")
-        meta = dict(bundle.meta)
-        if meta.get("ensemble"):
-            raise BundleError(f"{path}: already an ensemble; list its members instead")
-        model = eager_from_torchscript(bundle.module, meta)
-        entry = {"source": str(path), "sha256": file_sha256(path)}
-    else:
-        from cardiac_copilot_ros.model.bundle import build_metadata
-        from cardiac_copilot_ros.model.checkpoint import load_checkpoint, model_from_checkpoint
-
-        state = load_checkpoint(path, prefer="best")
-        model = model_from_checkpoint(state)
-        model.head.fold_plane_query()
-        cfg = state.get("config", {})
-        meta = build_metadata(model, tuple(state["input_size"]), data_manifest_sha256=state.get("data_manifest_sha256"),
-                              extra={"training": {"checkpoint": str(state["path"]), "step": state.get("step"),
-                                                  "preset": cfg.get("preset")}})
-        entry = {"source": str(path), "sha256": None}
-    entry.update({k: meta.get(k) for k in ("backbone", "has_dreamer", "has_uncertainty", "training", "created",
-                                           "weights_dtype")})
-    entry["weights_dtype"] = entry["weights_dtype"] or "float32"
+    model, meta, _, _ = _source_model(path)   # a TorchScript bundle, a run folder or a checkpoint
+    if meta.get("ensemble"):
+        raise BundleError(f"{path}: already an ensemble; list its members instead")
+    head = getattr(model, "head", None)
+    if head is not None and not head.folded:
+        head.fold_plane_query()   # exact; the form bundles store
+    entry = {"source": str(path), "sha256": file_sha256(path) if path.is_file() else None}
+    entry.update({k: meta.get(k) for k in ("backbone", "has_dreamer", "has_uncertainty", "training", "created")})
+    entry["weights_dtype"] = meta.get("weights_dtype", "float32")
     return model.eval(), meta, entry
 
 
