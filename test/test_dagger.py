@@ -476,3 +476,36 @@ def test_bench_rollout_prints_a_table_and_json(tmp_path, capsys):
     assert cli.main(["bench", "rollout", "--gate-sweep"]) == 2   # no survey to sweep
     assert "survey_poses" in capsys.readouterr().err
     assert cli.main(["bench", "rollout", "--bundle", str(tmp_path / "missing.pt")]) == 2
+
+
+def test_init_from_a_bundle_starts_with_its_outputs(tmp_path, capsys):
+    """`train --init-from models/X.pt`: a shipped bundle (folded plane query, fp16 weights) starts a fine-tuning
+    run with the bundle's outputs; a bundle of another architecture is refused (exit 2) before any training."""
+    import torch
+
+    from cardiac_copilot_ros import cli
+    from cardiac_copilot_ros.model.bundle import build_metadata, load_bundle, save_bundle
+    from cardiac_copilot_ros.model.policy import GuidanceModel
+    from cardiac_copilot_ros.training.config import TrainConfig, make_config
+    from cardiac_copilot_ros.training.loop import _init_from, build_model
+
+    torch.manual_seed(5)
+    shipped = GuidanceModel(backbone="resnet10", dreamer=False, uncertainty=True).eval()
+    shipped.set_action_stats(torch.randn(6), torch.rand(6) * 10 + 1)
+    shipped.head.fold_plane_query()
+    path = save_bundle(shipped, tmp_path / "shipped.pt", build_metadata(shipped, (32, 32)), weights_dtype="float16")
+    cfg = make_config("smoke", backbone="resnet10", uncertainty=True, model="baseline", init_from=str(path))
+    assert isinstance(cfg, TrainConfig)
+    model = build_model(cfg, np.zeros(6, np.float32), np.ones(6, np.float32)).eval()
+    _init_from(model, cfg)
+    bundle = load_bundle(path)
+    x, p = torch.rand(3, 1, 32, 32), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        assert float((model.forward_with_scale(x, p) - bundle.forward_with_scale(x, p)).abs().max()) < 1e-3
+    assert not model.head.folded and model.head.query.weight.requires_grad
+    train = ["--model", "baseline", "--preset", "smoke", "--backbone", "resnet10", "--uncertainty",
+             "--sim-subjects", "2", "--sim-val-subjects", "1", "--sim-val-frames-per-plane", "1",
+             "--sim-render-sizes", "48", "--sim-items-per-epoch", "32", "--max-steps", "2", "--out-dir", str(tmp_path)]
+    assert cli.main(["train", *train, "--run-name", "tuned", "--init-from", str(path)]) == 0
+    assert cli.main(["train", *train, "--run-name", "bad", "--backbone", "resnet18", "--init-from", str(path)]) == 2
+    assert "a different model" in capsys.readouterr().err

@@ -114,3 +114,16 @@ def test_members_that_do_not_fit_are_refused(members: tuple[Path, Path, Path], t
     assert main(["export", str(a), str(tmp_path / "missing.pt"), "--out", str(tmp_path / "z.pt")]) == 2
     assert "missing.pt" in capsys.readouterr().err
     assert not any((tmp_path / n).exists() for n in ("x.pt", "y.pt", "z.pt"))
+
+
+@pytest.mark.parametrize("bad", [{"members": "a.pt"}, {"members": [{"backbone": "resnet10"}]}, ["a", "b"],
+                                 {"members": [{"backbone": 1}, {"backbone": "resnet10"}]}])
+def test_bad_ensemble_metadata_is_refused(bad: object, tmp_path: Path) -> None:
+    """The member list travels in the file's metadata: a malformed one is a clear BundleError, not a crash."""
+    from cardiac_copilot_ros.model.bundle import BundleError
+
+    model = GuidanceModel(backbone="resnet10", dreamer=False).eval()
+    meta = {**build_metadata(model, SIZE), "ensemble": bad}
+    with pytest.raises(BundleError, match="bad ensemble metadata"):
+        save_bundle(model, tmp_path / "bad.pt", meta)
+    assert not (tmp_path / "bad.pt").exists()

@@ -178,6 +178,13 @@ def validate_metadata(meta: Any, path: Path | str) -> dict[str, Any]:
     if (not isinstance(size, list) or len(size) != 2
             or not all(isinstance(v, int) and v > 0 for v in size)):
         raise BundleError(f"{path}: bad input_size {size!r} in bundle metadata")
+    ensemble = meta.get("ensemble")
+    if ensemble is not None:   # model/ensemble.py: what ONNX conversion rebuilds the members from
+        members = ensemble.get("members") if isinstance(ensemble, dict) else None
+        if not (isinstance(members, list) and len(members) >= 2
+                and all(isinstance(m, dict) and isinstance(m.get("backbone"), str) for m in members)):
+            raise BundleError(f"{path}: bad ensemble metadata: 'members' must list 2 or more members, each with "
+                              f"its backbone")
     if meta["euler_axes"] != pose.EULER_AXES or list(meta["action_units"]) != list(pose.ACTION_UNITS):
         raise BundleError(f"{path}: bundle uses Euler axes {meta['euler_axes']!r} / units "
                           f"{meta['action_units']!r}; this code expects {pose.EULER_AXES!r} / "

@@ -75,6 +75,29 @@ class GuidanceHead(nn.Module):
         self.folded = True
 
 
+    @torch.no_grad()
+    def unfold_plane_query(self, query_dim: int = 512) -> None:
+        """The trainable form of a folded head (from a bundle), with the same outputs: one-hot plane queries
+        ``q_p = e_p`` and the query half of the first layer's weights holding each plane's bias
+        (``fc0(cat(f, e_p)) = W_f f + bias_p``); fine-tuning then adapts queries and weights as usual."""
+        if not self.folded:
+            return
+        first, table = self.fc[0], self.query.weight.detach()   # (out, c) without bias; (n_planes, out)
+        n, out = table.shape
+        if n > query_dim:
+            raise ValueError(f"{n} planes do not fit a {query_dim}-d one-hot query")
+        c = first.in_features
+        lin = nn.Linear(c + query_dim, out).to(table)
+        lin.weight.zero_()
+        lin.bias.zero_()
+        lin.weight[:, :c] = first.weight
+        lin.weight[:, c:c + n] = table.T
+        query = nn.Embedding(n, query_dim).to(table)
+        query.weight.zero_()
+        query.weight[torch.arange(n), torch.arange(n)] = 1.0
+        self.fc[0], self.query, self.folded = lin, query, False
+
+
 class GuidanceModel(nn.Module):
     """Policy E + G, with the optional Cardiac Dreamer I.
 

@@ -62,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dagger-states", metavar="NPZ,NPZ",
                    help="visited-states files (cardiac-copilot dagger) for the mix's dagger source")
     g.add_argument("--init-from", metavar="PATH",
-                   help="checkpoint or run folder whose model weights start this run (fine-tuning; the optimiser, "
-                        "schedule and step start afresh, unlike --resume)")
+                   help="checkpoint, run folder or TorchScript model bundle (e.g. models/default.pt) whose model "
+                        "weights start this run (fine-tuning, e.g. on recorded data; the optimiser, schedule and step "
+                        "start afresh, unlike --resume)")
     g.add_argument("--val-every", type=int, metavar="STEPS", help="0: once per epoch")
     g.add_argument("--val-max-frames", type=int, metavar="N")
     g.add_argument("--checkpoint-every", type=int, metavar="STEPS")

@@ -58,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fine bundle for the rollouts (default models/fine.pt; with --stage fine: the first "
                              "iteration's); 'none' = coarse only")
     parser.add_argument("--init", default=None, metavar="RUN",
-                        help="training checkpoint or run folder of the --stage model to fine-tune (default: train "
-                             "the first iteration from scratch)")
+                        help="training checkpoint, run folder or TorchScript bundle of the --stage model to fine-tune "
+                             "(default: train the first iteration from scratch)")
     parser.add_argument("--preset", default=None, help="training preset (default: fine for --stage fine, approach "
                         "for coarse)")
     parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (resumable)")

@@ -247,6 +247,45 @@ def model_args(cfg: TrainConfig) -> dict[str, Any]:
     return args
 
 
+def _init_from(model: GuidanceModel, cfg: TrainConfig) -> None:
+    """Load ``cfg.init_from``'s weights and action statistics into ``model``: a checkpoint or run folder of the
+    same architecture, or a TorchScript model bundle (e.g. ``models/default.pt``: its plane query unfolded to the
+    trainable form, fp16 weights as stored). ValueError naming both when they do not fit."""
+    from pathlib import Path
+
+    from cardiac_copilot_ros.model.onnx_bundle import _is_archive_bundle
+
+    source = Path(cfg.init_from)
+    if source.is_file() and source.suffix == ".pt" and source.name != "best.pt" and _is_archive_bundle(source):
+        from cardiac_copilot_ros.model.bundle import load_bundle
+        from cardiac_copilot_ros.model.onnx_bundle import eager_from_torchscript
+
+        bundle = load_bundle(source)
+        meta = bundle.meta
+        if meta.get("ensemble"):
+            raise ValueError(f"--init-from {source}: an ensemble bundle; start from one of its members")
+        theirs = {"backbone": meta["backbone"], "dreamer": bool(meta["has_dreamer"]),
+                  "uncertainty": bool(meta.get("has_uncertainty"))}
+        ours = {"backbone": cfg.backbone, "dreamer": cfg.model == "dreamer", "uncertainty": bool(cfg.uncertainty)}
+        if theirs != ours or list(bundle.planes) != model.plane_names:
+            raise ValueError(f"--init-from {source}: a different model ({theirs}, views {list(bundle.planes)}) than "
+                             f"this run's ({ours}, {model.plane_names})")
+        eager = eager_from_torchscript(bundle.module, dict(meta))
+        eager.head.unfold_plane_query()
+        try:
+            model.load_state_dict(eager.state_dict())
+        except RuntimeError as exc:   # e.g. another Dreamer size
+            raise ValueError(f"--init-from {source}: its weights do not fit this run's model: "
+                             f"{str(exc).splitlines()[0]}") from None
+        return
+    init = load_checkpoint(cfg.init_from, prefer="best")
+    same_args = init.get("model_args") == {**model_args(cfg), "n_planes": int(model.n_planes)}
+    if not same_args or list(init.get("planes") or PLANE_NAMES) != model.plane_names:
+        raise ValueError(f"--init-from {init['path']}: a different model ({init.get('model_args')}, views "
+                         f"{init.get('planes')}) than this run's ({model_args(cfg)}, {model.plane_names})")
+    model.load_state_dict(init["model"])
+
+
 def build_model(cfg: TrainConfig, mean: np.ndarray, std: np.ndarray,
                 planes: list[str] | None = None) -> GuidanceModel:
     """The model for ``cfg``; its plane query has one entry per view of ``planes`` (the
@@ -456,12 +495,7 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
                              f"{state.get('planes') or list(PLANE_NAMES)}, the data has {model.plane_names}")
         model.load_state_dict(state["model"])
     elif cfg.init_from:   # fine-tuning: the weights (and action statistics) of another run, a fresh optimiser
-        init = load_checkpoint(cfg.init_from, prefer="best")
-        same_args = init.get("model_args") == {**model_args(cfg), "n_planes": int(model.n_planes)}
-        if not same_args or list(init.get("planes") or PLANE_NAMES) != model.plane_names:
-            raise ValueError(f"--init-from {init['path']}: a different model ({init.get('model_args')}, views "
-                             f"{init.get('planes')}) than this run's ({model_args(cfg)}, {model.plane_names})")
-        model.load_state_dict(init["model"])
+        _init_from(model, cfg)
     model.train()
     step_module: torch.nn.Module = TrainStep(model)
     if world > 1:
