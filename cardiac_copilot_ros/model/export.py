@@ -55,13 +55,21 @@ def export_checkpoint(source: str | Path, out: str | Path, fmt: str | None = Non
                                                 "init_from": cfg.get("init_from") or None,
                                                 "dagger_states": [p for p in str(cfg.get("dagger_states") or "")
                                                                   .split(",") if p]}})
+    return _write_checked(model, reference, out, meta, fmt, check, fp16)
+
+
+def _write_checked(model: torch.nn.Module, reference: torch.nn.Module, out: Path, meta: dict[str, Any], fmt: str,
+                   check: bool, fp16: bool) -> dict[str, Any]:
+    """Save ``model`` as a bundle, read it back once and compare it with ``reference`` (the eager model it came
+    from); with ``fp16``, also report the rounding against ``reference`` and check against ``model``'s rounded
+    weights. Returns {path, format, meta, max_abs_diff} (and ``fp16_rounding``)."""
     path = save_bundle(model, out, meta, fmt, weights_dtype="float16" if fp16 else "float32")
     bundle = load_bundle(path, allow_torch_export=True)  # the file this process just wrote, read back once
     result: dict[str, Any] = {"path": str(path), "format": fmt, "meta": bundle.meta, "max_abs_diff": None}
     if check:
         if fp16:
             result["fp16_rounding"] = max(check_bundle(reference, bundle).values())
-            reference = copy.deepcopy(model).half().float()   # the saved (folded) weights, rounded as in the file
+            reference = copy.deepcopy(model).half().float()   # the saved weights, rounded as in the file
         result["max_abs_diff"] = check_bundle(reference, bundle)
     return result
 
@@ -76,15 +84,7 @@ def export_ensemble(sources: list[str | Path], out: str | Path, fmt: str | None 
     out = Path(out)
     if fmt is None:
         fmt = "export" if out.suffix == ".pt2" else "torchscript"
-    path = save_bundle(model, out, meta, fmt, weights_dtype="float16" if fp16 else "float32")
-    bundle = load_bundle(path, allow_torch_export=True)  # the file this process just wrote, read back once
-    result: dict[str, Any] = {"path": str(path), "format": fmt, "meta": bundle.meta, "max_abs_diff": None}
-    if check:
-        if fp16:
-            result["fp16_rounding"] = max(check_bundle(model, bundle).values())
-            model = copy.deepcopy(model).half().float()   # the weights as rounded in the file
-        result["max_abs_diff"] = check_bundle(model, bundle)
-    return result
+    return _write_checked(model, model, out, meta, fmt, check, fp16)
 
 
 def check_bundle(model: torch.nn.Module, bundle: Bundle | str | Path, batch: int = 3, seed: int = 0

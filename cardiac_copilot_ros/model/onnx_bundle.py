@@ -420,7 +420,7 @@ def _source_model(source: Path) -> tuple[nn.Module, dict[str, Any], Any, str]:
     """(eager model, metadata, reference callable, reference name) for a run, checkpoint or bundle."""
     from cardiac_copilot_ros.model.bundle import build_metadata, load_bundle
 
-    if source.is_file() and source.suffix == ".pt" and source.name != "best.pt" and _is_archive_bundle(source):
+    if is_bundle_file(source):
         bundle = load_bundle(source)
         if bundle.fmt != "torchscript":
             raise BundleError(f"{source}: only TorchScript bundles convert to ONNX")
@@ -452,8 +452,13 @@ def _source_model(source: Path) -> tuple[nn.Module, dict[str, Any], Any, str]:
     return model, meta, lambda i, p, r: call(i, p, r), "eager model"
 
 
-def _is_archive_bundle(path: Path) -> bool:
+def is_bundle_file(path: Path) -> bool:
+    """Whether ``path`` is a TorchScript model bundle file (a ``.pt`` archive with bundle metadata; a training
+    run's ``best.pt`` is a checkpoint), as opposed to a run folder or a checkpoint."""
     import zipfile
+
+    if not (path.is_file() and path.suffix == ".pt" and path.name != "best.pt"):
+        return False
 
     try:
         with zipfile.ZipFile(path) as zf:

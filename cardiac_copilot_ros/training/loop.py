@@ -253,10 +253,10 @@ def _init_from(model: GuidanceModel, cfg: TrainConfig) -> None:
     trainable form, fp16 weights as stored). ValueError naming both when they do not fit."""
     from pathlib import Path
 
-    from cardiac_copilot_ros.model.onnx_bundle import _is_archive_bundle
+    from cardiac_copilot_ros.model.onnx_bundle import is_bundle_file
 
     source = Path(cfg.init_from)
-    if source.is_file() and source.suffix == ".pt" and source.name != "best.pt" and _is_archive_bundle(source):
+    if is_bundle_file(source):
         from cardiac_copilot_ros.model.bundle import load_bundle
         from cardiac_copilot_ros.model.onnx_bundle import eager_from_torchscript
 
