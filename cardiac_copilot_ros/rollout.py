@@ -361,13 +361,14 @@ def run_episodes(seeds: Sequence[int], planes: Sequence[str], coarse: Predictor,
 def run_episodes_parallel(seeds: Sequence[int], coarse: str | Path, fine: str | Path | None = None,
                           config: RolloutConfig | None = None, seed: int = 0, episodes_per_plane: int = 1,
                           progress: Callable[[RolloutResult], None] | None = None, workers: int = 0,
-                          threads: int = 0) -> list[RolloutResult]:
+                          threads: int = 0, engine: str = "torch") -> list[RolloutResult]:
     """:func:`run_episodes` over all the coarse bundle's planes, the subjects shared among ``workers``
     processes (0: one per CPU core, at most one per subject; 1: in this process).
 
     Each process loads the bundles itself and runs whole subjects; the results come back in the order
     :func:`run_episodes` gives them and are the same episodes (each start is seeded by subject, plane and
     index alone). ``threads``: torch threads per process (0: the cores shared among the processes).
+    ``engine``: see :func:`load_runtimes`.
     ``progress`` is called in this process as each subject's episodes arrive.
     """
     import os
@@ -379,7 +380,7 @@ def run_episodes_parallel(seeds: Sequence[int], coarse: str | Path, fine: str | 
     workers = max(1, min(workers, len(seeds)))
     threads = int(threads) if threads and threads > 0 else max(1, cores // workers)
     if workers == 1:
-        c, f = load_runtimes(coarse, fine, threads)
+        c, f = load_runtimes(coarse, fine, threads, engine)
         return run_episodes(seeds, c.planes, c, f, cfg, seed=seed, episodes_per_plane=episodes_per_plane,
                             progress=progress)
     import multiprocessing
@@ -387,7 +388,8 @@ def run_episodes_parallel(seeds: Sequence[int], coarse: str | Path, fine: str | 
     # spawn, not fork: the parent may already have torch's thread pools running, which fork does not copy
     ctx = multiprocessing.get_context("spawn")
     by_seed: dict[int, list[RolloutResult]] = {}
-    init = (str(coarse), None if fine is None else str(fine), threads, cfg, int(seed), int(episodes_per_plane))
+    init = (str(coarse), None if fine is None else str(fine), threads, cfg, int(seed), int(episodes_per_plane),
+            engine)
     with ctx.Pool(workers, initializer=_worker_init, initargs=init) as pool:
         for s, results in pool.imap_unordered(_worker_subject, seeds):
             by_seed[s] = results
@@ -402,11 +404,11 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(coarse: str, fine: str | None, threads: int, config: RolloutConfig, seed: int,
-                 episodes_per_plane: int) -> None:
+                 episodes_per_plane: int, engine: str) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's: it stops the pool, quietly
-    c, f = load_runtimes(coarse, fine, threads)
+    c, f = load_runtimes(coarse, fine, threads, engine)
     _WORKER.update(coarse=c, fine=f, config=config, seed=seed, episodes=episodes_per_plane)
 
 
@@ -416,13 +418,58 @@ def _worker_subject(subject_seed: int) -> tuple[int, list[RolloutResult]]:
                                       seed=w["seed"], episodes_per_plane=w["episodes"])
 
 
-def load_runtimes(coarse: str | Path, fine: str | Path | None = None, threads: int = 0) -> tuple[Any, Any]:
-    """The coarse (and fine, or None) :class:`..runtime.GuidanceRuntime` for rollouts: TorchScript engine,
-    ``threads`` torch threads (0: torch's default), one warm-up frame."""
+#: Engines rollouts run their models on: ``auto`` is ONNX Runtime where it loads the bundle (the guidance
+#: node's choice on CPUs; 1.2x faster rollouts on 2 cores, docs/BENCHMARK.md), else TorchScript (``torch``,
+#: the engine of the rollouts before session 12). The two agree to 1e-3 mm/deg per frame, so episodes match
+#: closely but not exactly across engines.
+ROLLOUT_ENGINES = ("auto", "torch", "onnxruntime")
+
+
+def load_runtimes(coarse: str | Path, fine: str | Path | None = None, threads: int = 0,
+                  engine: str = "torch") -> tuple[Any, Any]:
+    """The coarse (and fine, or None) :class:`..runtime.GuidanceRuntime` for rollouts on ``engine``
+    (:data:`ROLLOUT_ENGINES`), ``threads`` torch / ONNX Runtime threads (0: the library's default), one
+    warm-up frame. ONNX Runtime uses ``<bundle>.onnx`` beside a bundle (``cardiac-copilot export --format onnx``)
+    or converts it in memory (about 15 s); with ``auto``, a bundle ONNX Runtime cannot load runs on TorchScript
+    (said on stderr)."""
+    from .model.bundle import BundleError
     from .runtime import GuidanceRuntime
 
-    kw: dict[str, Any] = dict(engine="torch", num_threads=threads or None, warmup=1)
-    return GuidanceRuntime(coarse, **kw), (GuidanceRuntime(fine, **kw) if fine else None)
+    if engine not in ROLLOUT_ENGINES:
+        raise ValueError(f"unknown rollout engine {engine!r}; choose one of {', '.join(ROLLOUT_ENGINES)}")
+
+    def one(path: str | Path) -> Any:
+        kw: dict[str, Any] = dict(num_threads=threads or None, warmup=1)
+        if engine != "auto":
+            return GuidanceRuntime(path, engine=engine, **kw)
+        try:
+            return GuidanceRuntime(path, engine="onnxruntime", **kw)
+        except (BundleError, ImportError) as exc:   # no ONNX Runtime, or it cannot run this bundle
+            import sys
+
+            print(f"rollout: {path} runs on TorchScript (ONNX Runtime: {exc})", file=sys.stderr)
+            return GuidanceRuntime(path, engine="torch", **kw)
+
+    return one(coarse), (one(fine) if fine else None)
+
+
+def add_process_arguments(parser: Any) -> None:
+    """``--engine``, ``--threads`` and ``--workers`` of the commands that run rollouts (bench rollout, dagger)."""
+    parser.add_argument("--engine", choices=ROLLOUT_ENGINES, default="auto",
+                        help="inference engine of the rollouts (default auto: ONNX Runtime where it loads the "
+                             "bundle, else TorchScript; torch reproduces rollouts from before session 12)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads per process (0: rollouts share the CPU cores among --workers; dagger's "
+                             "training gets torch's default)")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="rollout processes, each running whole subjects (0: one per CPU core; 1: in this "
+                             "process); the same episodes whatever the number")
+
+
+def check_process_arguments(args: Any) -> None:
+    """ValueError for a negative ``--workers`` / ``--threads``."""
+    if args.workers < 0 or args.threads < 0:
+        raise ValueError("--workers and --threads must be >= 0")
 
 
 class EpisodeProgress:

@@ -314,6 +314,39 @@ def test_rollouts_in_processes_are_the_same_episodes_in_the_same_order():
         assert np.array_equal(a.offsets, b.offsets) and a.stages == b.stages
 
 
+def test_rollouts_on_onnx_runtime_match_torchscript(tmp_path):
+    """engine auto: a fine bundle gets its .onnx written once (dagger) and the rollouts run on ONNX Runtime.
+    The first move is TorchScript's to 1e-3 mm/deg (the engines' agreement); later frames render a pose that
+    differs by that much, and such differences grow along an episode (about 0.7 mm after 8 frames here), so
+    episodes on the two engines are alike, not identical."""
+    import shutil
+
+    from cardiac_copilot_ros.model import onnx_bundle
+    from cardiac_copilot_ros.runtime import default_fine_model_path, default_model_path
+    from cardiac_copilot_ros.training import dagger
+
+    if not (onnx_bundle.onnxruntime_available() and onnx_bundle.exporter_available()):
+        pytest.skip("onnxruntime / onnxscript not installed")
+    fine = tmp_path / "fine.pt"
+    shutil.copy(default_fine_model_path(), fine)
+    dagger._onnx_beside(fine)
+    stamp = (tmp_path / "fine.onnx").stat().st_mtime_ns
+    dagger._onnx_beside(fine)   # once
+    assert (tmp_path / "fine.onnx").stat().st_mtime_ns == stamp
+    coarse = default_model_path()
+    on_onnx = rollout.load_runtimes(coarse, fine, threads=1, engine="auto")
+    assert [rt.engine for rt in on_onnx] == ["onnxruntime", "onnxruntime"]
+    cfg = rollout.RolloutConfig(steps=8, render_size=48, max_offset_mm=8, max_offset_deg=8)
+    torch_res = rollout.run_episodes([20007], PLANES, *rollout.load_runtimes(coarse, fine, 1, "torch"), cfg, seed=3)
+    onnx_res = rollout.run_episodes([20007], PLANES, *on_onnx, cfg, seed=3)
+    for a, b in zip(torch_res, onnx_res, strict=True):
+        assert a.stages == b.stages and "fine" in a.stages and a.frames == b.frames == 8
+        assert np.abs(a.offsets[:2] - b.offsets[:2]).max() < 1e-3   # mm / deg
+        assert np.abs(a.offsets - b.offsets).max() < 5.0 and np.isfinite(b.offsets).all()
+    with pytest.raises(ValueError, match="rollout engine"):
+        rollout.load_runtimes(coarse, fine, engine="tensorrt")
+
+
 # ---------------------------------------------------------------------------------------
 # Visited states as training data
 # ---------------------------------------------------------------------------------------
@@ -389,9 +422,11 @@ def test_dagger_command_rolls_out_retrains_validates_and_resumes(tmp_path):
             "--subjects", "1", "--steps", "2", "--val-subjects", "1", "--val-episodes-per-plane", "1",
             "--train-set", "sim_subjects=2", "backbone=resnet10", "uncertainty=true", "sim_val_subjects=1",
             "sim_val_frames_per_plane=1", "sim_render_sizes=48", "sim_items_per_epoch=32",
+            "--engine", "torch",   # ONNX Runtime rollouts: test_rollouts_on_onnx_runtime_match_torchscript
             "--rollout-set", "steps=4", "render_size=48", "stop_mm=100", "stop_deg=100", "stop_frames=3",
             "--no-progress"]
     assert cli.main(argv) == 0
+    assert not (out / "iter_1" / "bundle.onnx").exists()   # only written for ONNX Runtime rollouts
     states = VisitedStates.load(str(out / "iter_1" / "states.npz"))
     assert len(states) > 0 and set(states.seed.tolist()) == {20000}
     assert set(np.load(out / "iter_1" / "states.npz")["stage"].tolist()) == {"coarse"}

@@ -72,6 +72,28 @@ def test_resume_continues_exactly(runs, tmp_path):
         assert torch.allclose(v.float(), resumed[k].float(), atol=1e-6), k
 
 
+def test_channels_last_trains_the_same_model(runs, tmp_path):
+    """The default channels-last memory format is a speed-up only: the same steps give the same weights as the
+    contiguous format, up to the float rounding of the convolutions. AdamW moves every weight by about the
+    learning rate per step whatever its gradient's size, so a rounding difference in a near-zero gradient can
+    move a weight the other way: at most 2 x 4 steps x lr 1e-3 apart."""
+    run = runs["baseline"]
+    assert json.loads((run / "config.json").read_text())["channels_last"] is True
+    rc = cli.main(["train", "--data", json.loads((run / "config.json").read_text())["data"], "--model", "baseline",
+                   "--preset", "smoke", "--no-channels-last", "--out-dir", str(tmp_path), "--run-name", "nchw"])
+    assert rc == 0 and json.loads((tmp_path / "nchw" / "config.json").read_text())["channels_last"] is False
+    nhwc = load_checkpoint(run / "checkpoints" / "step_00000004.pt")["model"]
+    nchw = load_checkpoint(tmp_path / "nchw" / "checkpoints" / "step_00000004.pt")["model"]
+    assert nhwc.keys() == nchw.keys()
+    for k, v in nhwc.items():
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(v, nchw[k]), k
+        elif ".running_" in k:   # batch statistics: the weight differences add up in the deep layers
+            assert (v.float() - nchw[k].float()).norm() <= 0.1 * v.float().norm(), k
+        else:
+            assert (v.float() - nchw[k].float()).abs().max() <= 8e-3, k
+
+
 @pytest.mark.parametrize("fmt", ["torchscript", "export"])
 def test_export_matches_eager_in_both_modes(runs, tmp_path, fmt, capsys):
     run = runs["dreamer"]

@@ -35,11 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random starts (default 0)")
     parser.add_argument("--rollout-set", nargs="+", default=[], metavar="KEY=VALUE", type=key_value_arg,
                         help="rollout.RolloutConfig overrides (e.g. steps=80 gain=0.4 stop_frames=10)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per process (0: the CPU cores shared among --workers)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="processes, each running whole subjects (0: one per CPU core; 1: in this process); "
-                             "the same episodes whatever the number")
+    from .. import rollout
+
+    rollout.add_process_arguments(parser)   # --engine, --threads, --workers
     parser.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     g = parser.add_argument_group("gate sweep", "choose the servo's survey gate (survey_tolerance_m / _rad, "
@@ -121,8 +119,7 @@ def run(args: argparse.Namespace) -> int:
         configs = {m: rollout.RolloutConfig.from_overrides({**overrides, "mode": m}) for m in modes}
         coarse_path = Path(args.bundle or runtime.default_model_path())
         fine_path = fine_bundle_for(args.fine_bundle, args.bundle is None, coarse_path)
-        if args.workers < 0 or args.threads < 0:
-            raise ValueError("--workers and --threads must be >= 0")
+        rollout.check_process_arguments(args)
         planes = load_bundle(coarse_path).planes
         if fine_path is not None:
             load_bundle(fine_path)
@@ -137,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         for mode, cfg in configs.items():
             results[mode] = rollout.run_episodes_parallel(
                 args.subject_seeds, coarse_path, fine_path, cfg, seed=args.seed,
-                episodes_per_plane=args.episodes_per_plane, progress=bar, workers=args.workers, threads=args.threads)
+                episodes_per_plane=args.episodes_per_plane, progress=bar, workers=args.workers, threads=args.threads,
+                engine=args.engine)
     finally:
         bar.close()
     elapsed = time.monotonic() - t0
@@ -156,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         print(format_table(summaries))
     if args.json:
         doc = {"bundle": str(coarse_path), "fine_bundle": None if fine_path is None else str(fine_path),
-               "subject_seeds": args.subject_seeds,
+               "subject_seeds": args.subject_seeds, "engine": args.engine,
                "config": {m: asdict(c) for m, c in configs.items()}, "modes": summaries,
                "episodes": {m: [e.summary() for e in r] for m, r in results.items()}}
         if sweeps:

@@ -48,6 +48,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     grad_clip: float = 1.0              # max grad norm; 0 = off
     amp: str = "auto"                   # auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16
+    channels_last: bool = True          # NHWC weights and activations: faster convolutions (CPU oneDNN, CUDA AMP)
     # losses (SmoothL1 in normalised action units)
     policy_weight: float = 1.0          # L(a_t1, â_t1): the plain policy loss on t1
     dreamer_weight: float = 1.0         # L(a'_t1, â_t1) + L(a'_t2, â_t2) (Eq. 7)

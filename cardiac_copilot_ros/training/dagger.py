@@ -80,18 +80,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training config overrides on top of the preset (e.g. batch_size=16 workers=0)")
     parser.add_argument("--rollout-set", nargs="+", default=[], metavar="KEY=VALUE", type=key_value_arg,
                         help="rollout.RolloutConfig overrides (e.g. steps=80 gain=0.4)")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch threads per process (0: training gets torch's default, rollouts the cores "
-                             "shared among --workers)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="processes for the rollouts (0: one per CPU core; 1: in this process); the same "
-                             "episodes whatever the number")
+    from cardiac_copilot_ros import rollout
+
+    rollout.add_process_arguments(parser)   # --engine, --threads, --workers
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _validate_args(args: argparse.Namespace) -> None:
-    if args.workers < 0 or args.threads < 0:
-        raise ValueError("--workers and --threads must be >= 0")
+    from cardiac_copilot_ros import rollout
+
+    rollout.check_process_arguments(args)
     if args.iterations < 1 or args.subjects < 1 or args.episodes_per_plane < 1 or args.steps < 1:
         raise ValueError("--iterations, --subjects, --episodes-per-plane and --steps must be >= 1")
     if args.val_subjects < 1 or args.val_episodes_per_plane < 1:
@@ -128,7 +126,8 @@ def _rollouts(seeds: list[int], coarse: str, fine: str | None, args: argparse.Na
     bar = rollout.EpisodeProgress(len(seeds) * len(planes) * episodes, desc, not args.no_progress)
     try:
         return rollout.run_episodes_parallel(seeds, coarse, fine, cfg, seed=seed, episodes_per_plane=episodes,
-                                             progress=bar, workers=args.workers, threads=args.threads)
+                                             progress=bar, workers=args.workers, threads=args.threads,
+                                             engine=args.engine)
     finally:
         bar.close()
 
@@ -143,7 +142,7 @@ def _validation(path: Path, coarse: str, fine: str | None, args: argparse.Namesp
     from cardiac_copilot_ros.data.approach import split_seeds
 
     setting = {"rollout": asdict(_rollout_config(args, noise=False)), "val_subjects": args.val_subjects,
-               "val_episodes_per_plane": args.val_episodes_per_plane, "seed": args.seed}
+               "val_episodes_per_plane": args.val_episodes_per_plane, "seed": args.seed, "engine": args.engine}
     if path.is_file():
         doc = json.loads(path.read_text())
         cached = doc.get("setting")
@@ -151,6 +150,7 @@ def _validation(path: Path, coarse: str, fine: str | None, args: argparse.Namesp
             # a rollout setting added after this cache was written is missing from it: its default is the
             # loop the cache was made with (new settings are off by default), so it is not a difference
             cached = {**cached, "rollout": {**asdict(rollout.RolloutConfig()), **cached["rollout"]}}
+            cached.setdefault("engine", "torch")   # the only engine before session 12
         if cached == setting:
             return doc
         print(f"dagger: {path} was validated with other settings; validating {label} again", file=sys.stderr)
@@ -160,6 +160,26 @@ def _validation(path: Path, coarse: str, fine: str | None, args: argparse.Namesp
            "episodes": [r.summary() for r in results]}
     _write_json(path, doc)
     return doc
+
+
+def _onnx_beside(bundle: Path) -> None:
+    """Write ``<bundle>.onnx`` once, so that every rollout process loads it instead of converting the bundle in
+    memory (about 15 s each); without it they convert, or run on TorchScript (rollout.load_runtimes)."""
+    from cardiac_copilot_ros.model import onnx_bundle
+
+    onnx = bundle.with_suffix(".onnx")
+    if onnx.is_file() or not (onnx_bundle.onnxruntime_available() and onnx_bundle.exporter_available()):
+        return
+    tmp = bundle.with_suffix(".tmp.onnx")
+    try:
+        diffs = onnx_bundle.export_onnx_bundle(bundle, tmp)["max_abs_diff"] or {}
+        worst = max(diffs.values()) if diffs else float("nan")
+        if not worst <= onnx_bundle.TOLERANCE:
+            raise ValueError(f"its outputs differ from the bundle's by {worst:.3g} mm/deg")
+        tmp.replace(onnx)
+    except Exception as exc:   # an optional speed-up: whatever failed, the rollouts still run without it
+        print(f"dagger: {onnx} not written ({exc}); the rollouts convert {bundle} themselves", file=sys.stderr)
+        tmp.unlink(missing_ok=True)
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:
@@ -237,6 +257,8 @@ def dagger(args: argparse.Namespace) -> dict[str, Any]:
         bundle = it / "bundle.pt"
         if not bundle.is_file():
             export_checkpoint(run_dir, bundle, fp16=True)
+        if args.engine != "torch":
+            _onnx_beside(bundle)
         if args.stage == "fine":
             fine = str(bundle)
         else:

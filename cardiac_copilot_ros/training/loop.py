@@ -496,6 +496,8 @@ def train(cfg: TrainConfig, resume: str | Path | None = None) -> dict[str, Any]:
         model.load_state_dict(state["model"])
     elif cfg.init_from:   # fine-tuning: the weights (and action statistics) of another run, a fresh optimiser
         _init_from(model, cfg)
+    if cfg.channels_last:   # before the optimiser, whose state then takes the same layout
+        model.to(memory_format=torch.channels_last)
     model.train()
     step_module: torch.nn.Module = TrainStep(model)
     if world > 1:
