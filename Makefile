@@ -51,8 +51,9 @@ demo: setup
 # The shipped models (models/default.md): the coarse stage (preset approach) and the fine stage (preset
 # fine), trained side by side with `make -j2 models` (about an hour on 2 cores), exported with fp16
 # weights; then two DAgger iterations on the fine stage whose rollouts include the servo's final-approach
-# survey (cardiac-copilot dagger, the rollouts in one process per core; 68 minutes); the iteration chosen on
-# validation subjects becomes models/fine.pt. About 2 h 11 min in all on the 2-core machine. After an
+# survey (cardiac-copilot dagger, the rollouts in one process per core on ONNX Runtime; 51 minutes); the iteration
+# chosen on validation subjects becomes models/fine.pt. About 2 h 15 min in all on session 12's 2-core machine
+# (the trainings side by side about 82 min there), 1 h 50 min on a 1.25x faster one. After an
 # interruption the same command resumes every step.
 TRAIN := $(VENV)/bin/cardiac-copilot train --model baseline --threads 1 --out-dir runs
 runs/default_%/.done: | setup
