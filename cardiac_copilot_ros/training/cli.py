@@ -36,8 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"),
                    help="mixed precision on CUDA (auto: bf16 where supported, else fp16); off on CPU")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="train in the channels-last (NHWC) memory format (default on: 1.1-1.3x faster steps on "
-                        "a 2-core CPU, docs/TRAINING.md; the same model, the same checkpoints)")
+                   help="train in the channels-last (NHWC) memory format (default on: 1.11x faster on a 2-core "
+                        "CPU with one render worker, no gain for two trainings side by side, docs/TRAINING.md; "
+                        "checkpoints and bundles in the same format)")
     g.add_argument("--workers", type=int, help="DataLoader worker processes per training process")
     g.add_argument("--threads", type=int, metavar="N",
                    help="torch CPU threads per process (0: cores per process minus workers)")
