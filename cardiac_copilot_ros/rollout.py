@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -171,6 +171,9 @@ class RolloutResult:
     offsets: np.ndarray = field(repr=False, default_factory=lambda: np.zeros((0, 6)))
     #: (frames,): the stage whose model guided at that frame ("coarse" / "fine")
     stages: list[str] = field(repr=False, default_factory=list)
+    #: the engine each stage's model ran on (``coarse`` / ``fine``: ``torch``, ``onnxruntime``; empty for
+    #: predictors without an ``engine``), so a record says what ``--engine auto`` resolved to
+    engines: dict[str, str] = field(default_factory=dict)
 
     def success(self, mm: float = 5.0, deg: float = 5.0) -> bool:
         return self.translation_mm <= mm and self.rotation_deg <= deg
@@ -345,6 +348,8 @@ def run_episodes(seeds: Sequence[int], planes: Sequence[str], coarse: Predictor,
     from .sim.render import Renderer
 
     cfg = (config or RolloutConfig()).validate()
+    engines = {stage: str(p.engine) for stage, p in (("coarse", coarse), ("fine", fine))
+               if p is not None and getattr(p, "engine", None)}
     out: list[RolloutResult] = []
     for s in seeds:
         renderer = Renderer(make_subject(int(s)), size=cfg.render_size, heartbeat=True)
@@ -352,6 +357,7 @@ def run_episodes(seeds: Sequence[int], planes: Sequence[str], coarse: Predictor,
             for k in range(int(episodes_per_plane)):
                 rng = np.random.default_rng((int(seed), int(s), p_index, k))
                 res = run_episode(renderer, plane, coarse, fine, cfg, rng)
+                res.engines = dict(engines)
                 out.append(res)
                 if progress is not None:
                     progress(res)
@@ -423,6 +429,11 @@ def _worker_subject(subject_seed: int) -> tuple[int, list[RolloutResult]]:
 #: the engine of the rollouts before session 12). The two agree to 1e-3 mm/deg per frame, so episodes match
 #: closely but not exactly across engines.
 ROLLOUT_ENGINES = ("auto", "torch", "onnxruntime")
+
+
+def engines_used(results: Iterable[RolloutResult]) -> list[str]:
+    """The distinct ``coarse=<engine> fine=<engine>`` combinations the episodes ran on (sorted)."""
+    return sorted({" ".join(f"{k}={v}" for k, v in sorted(r.engines.items())) for r in results} - {""})
 
 
 def load_runtimes(coarse: str | Path, fine: str | Path | None = None, threads: int = 0,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -343,6 +344,8 @@ def test_rollouts_on_onnx_runtime_match_torchscript(tmp_path):
         assert a.stages == b.stages and "fine" in a.stages and a.frames == b.frames == 8
         assert np.abs(a.offsets[:2] - b.offsets[:2]).max() < 1e-3   # mm / deg
         assert np.abs(a.offsets - b.offsets).max() < 5.0 and np.isfinite(b.offsets).all()
+    assert onnx_res[0].engines == {"coarse": "onnxruntime", "fine": "onnxruntime"}   # what auto resolved to
+    assert rollout.engines_used(torch_res) == ["coarse=torch fine=torch"]
     with pytest.raises(ValueError, match="rollout engine"):
         rollout.load_runtimes(coarse, fine, engine="tensorrt")
 
@@ -505,6 +508,10 @@ def test_bench_rollout_prints_a_table_and_json(tmp_path, capsys):
     doc = json.loads(out.read_text())
     assert doc["fine_bundle"].endswith("fine.pt") and doc["config"]["fused"]["steps"] == 2
     assert len(doc["episodes"]["per_frame"]) == 3 and doc["episodes"]["fused"][0]["frames"] == 2
+    # --engine auto is recorded with what it resolved to, in the JSON and the printed line
+    assert doc["engine"] == "auto" and len(doc["engines_used"]) == 1
+    assert re.fullmatch(r"coarse=(torch|onnxruntime) fine=(torch|onnxruntime)", doc["engines_used"][0])
+    assert set(doc["episodes"]["fused"][0]["engines"]) == {"coarse", "fine"} and doc["engines_used"][0] in text
     assert cli.main(["bench", "rollout", "--rollout-set", "speed=1"]) == 2
     assert cli.main(["bench", "rollout", "--modes", "oracle"]) == 2
     assert cli.main(["bench", "rollout", "--workers", "-1"]) == 2
