@@ -110,6 +110,15 @@ def test_export_fails_on_nan(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert "differ" in err and "inf" in err
 
 
+def test_worst_disagreement_is_the_one_tolerance_check() -> None:
+    """export --format onnx and dagger's .onnx beside a bundle accept a conversion by the same rule."""
+    assert onnx_bundle.worst_disagreement({"action": 2e-4, "scale": 6e-4}) == (6e-4, True)
+    assert onnx_bundle.worst_disagreement({"action": 2 * onnx_bundle.TOLERANCE})[1] is False
+    assert onnx_bundle.worst_disagreement({"action": float("inf")})[1] is False
+    worst, ok = onnx_bundle.worst_disagreement(None)   # not checked: never accepted
+    assert np.isnan(worst) and ok is False
+
+
 def test_uncertainty_graph_action_scale(tmp_path: Path) -> None:
     """Bundles with ``has_uncertainty`` export forward_with_scale as output ``action_scale`` (B, 12)."""
 

@@ -496,6 +496,13 @@ def export_onnx_bundle(source: str | Path | list[str | Path], out: str | Path, c
     return result
 
 
+def worst_disagreement(diffs: dict[str, float] | None) -> tuple[float, bool]:
+    """The largest of :func:`compare`'s max |diff| per output (mm, deg; nan when there is none) and whether it
+    is within :data:`TOLERANCE` (a NaN or inf is not)."""
+    worst = max(diffs.values()) if diffs else float("nan")
+    return worst, bool(np.isfinite(worst) and worst <= TOLERANCE)
+
+
 def run_export(args: argparse.Namespace) -> int:
     """``cardiac-copilot export ... --format onnx``: 0 ok, 1 check failed, 2 bad input."""
     try:
@@ -512,8 +519,8 @@ def run_export(args: argparse.Namespace) -> int:
         print(f"check vs {res['reference']} (ONNX Runtime): "
               + ", ".join(f"{k} max |diff| {v:.2e}" for k, v in diffs.items())
               + f" (tolerance {TOLERANCE:g} mm/deg)")
-        worst = max(diffs.values())
-        if not np.isfinite(worst) or worst > TOLERANCE:
+        worst, ok = worst_disagreement(diffs)
+        if not ok:
             print(f"export: ONNX outputs differ from the {res['reference']} by {worst:.3g} > {TOLERANCE:g} "
                   f"(inf = NaN or inf in an output)", file=sys.stderr)
             return 1
