@@ -141,10 +141,11 @@ def run(args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - t0
     summaries = {m: rollout.summarize(r) for m, r in results.items()}
     n = sum(len(r) for r in results.values())
+    engines = rollout.engines_used(e for r in results.values() for e in r)
     print(f"bench rollout: {coarse_path}" + (f" -> {fine_path}" if fine_path else "") +
           f", subjects {args.subject_seeds[0]}..{args.subject_seeds[-1]} ({len(args.subject_seeds)}), "
           f"{n} episodes in {elapsed:.0f} s ({n / max(elapsed, 1e-9):.1f} episodes/s; "
-          f"{', '.join(rollout.engines_used(e for r in results.values() for e in r)) or 'engine not reported'})")
+          f"{', '.join(engines) or 'engine not reported'})")
     sweeps = {}
     if args.gate_sweep:
         sweeps = {m: rollout.gate_sweep(r, args.sweep_mm, args.sweep_deg, args.sweep_attempts)
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         doc = {"bundle": str(coarse_path), "fine_bundle": None if fine_path is None else str(fine_path),
                "subject_seeds": args.subject_seeds, "engine": args.engine,
-               "engines_used": rollout.engines_used(e for r in results.values() for e in r),
+               "engines_used": engines,
                "config": {m: asdict(c) for m, c in configs.items()}, "modes": summaries,
                "episodes": {m: [e.summary() for e in r] for m, r in results.items()}}
         if sweeps:
